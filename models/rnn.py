@@ -1,0 +1,65 @@
+"""The vanilla RNN baseline, with the LSTM's API.
+
+    h_t = tanh(x_t W_hx + h_{t-1} W_hh + b_h)
+    p   = h_L W_ph + b_p                       (logits of the last step)
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from models.lstm import BACKENDS, script
+
+
+def rnn_loop(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
+    """``xw = x W_hx + b_h`` is ``(B, L, H)``; returns ``h_L`` and, if asked, ``[h]`` as ``(B, L, H)``."""
+    B, L, H = xw.shape
+    h = xw.new_zeros(B, H)
+    hs: List[Tensor] = []
+    for t in range(L):
+        h = torch.tanh(xw[:, t] + h @ W_hh)   # (B, H)
+        if keep_states:
+            hs.append(h)
+    states: List[Tensor] = []
+    if keep_states:
+        states = [torch.stack(hs, dim=1)]
+    return h, states
+
+
+rnn_loop_script = script(rnn_loop)
+
+
+class RNN(nn.Module):
+    """``RNN(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, backend: str = "script"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.input_dim, self.hidden_dim, self.output_dim = input_dim, hidden_dim, output_dim
+        self.backend = backend
+        self.W_hx = nn.Parameter(torch.randn(input_dim, hidden_dim) / math.sqrt(input_dim))    # (D, H)
+        self.W_hh = nn.Parameter(torch.randn(hidden_dim, hidden_dim) / math.sqrt(hidden_dim))  # (H, H)
+        self.b_h = nn.Parameter(torch.zeros(hidden_dim))
+        self.W_ph = nn.Parameter(torch.randn(hidden_dim, output_dim) / math.sqrt(hidden_dim))  # (H, K)
+        self.b_p = nn.Parameter(torch.zeros(output_dim))
+
+    def forward(self, x: Tensor, return_states: bool = False):
+        xw = x @ self.W_hx + self.b_h                    # (B, L, H)
+        loop = rnn_loop_script if self.backend == "script" else rnn_loop
+        h, states = loop(xw, self.W_hh, return_states)   # (B, H)
+        p = h @ self.W_ph + self.b_p                     # (B, K)
+        if return_states:
+            return p, {"h": states[0]}
+        return p
+
+    def gate_weights(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k).detach().clone() for k in ("W_hx", "W_hh", "b_h", "W_ph", "b_p")}
+
+    @torch.no_grad()
+    def load_gate_weights(self, weights: dict[str, Tensor]) -> None:
+        for k in ("W_hx", "W_hh", "b_h", "W_ph", "b_p"):
+            getattr(self, k).copy_(weights[k])

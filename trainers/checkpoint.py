@@ -1,0 +1,112 @@
+"""Atomic checkpoints: ``accelerator.save_state`` plus the step and the config.
+
+Layout: ``<run>/checkpoints/step_00001000/`` holding Accelerate's files (models, optimisers,
+scaler, RNG of every rank) and ``palgan.json`` (step, config, extra state). A checkpoint is
+written to a ``.tmp-*`` folder and renamed into place only once it is complete, so a
+crash mid-write never leaves a half checkpoint where ``--resume`` would find it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from trainers.cli import UsageError
+
+META = "palgan.json"
+PREFIX = "step_"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (incomplete .tmp-* folders are ignored)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: int,
+                    extra: dict | None = None) -> Path:
+    """Every rank calls this (``save_state`` writes each rank's RNG); rank 0 renames and prunes."""
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {}})
+        if final.exists():  # re-saving the same step (e.g. end of run right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_meta(ckpt: Path) -> dict:
+    """The step/config record of a checkpoint; a UsageError if it is missing or unreadable."""
+    meta = ckpt / META
+    try:
+        data = json.loads(meta.read_text())
+        int(data["step"])
+        return data
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {ckpt} has no {META}; it is not a palgan checkpoint "
+                         "(pass a folder under <run>/checkpoints/)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"checkpoint {meta} is corrupt ({err.__class__.__name__}); "
+                         "delete that folder to fall back to the previous checkpoint") from None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path:
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start "
+                         "fresh, or pass the --out-dir/--run-name of the run to continue")
+    return found[-1]
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint folder, a ``checkpoints/`` folder or a run folder; return a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist; pass a run folder or one of its "
+                         "checkpoints/step_* folders")
+    if (path / META).exists():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = list_checkpoints(candidate)
+        if found:
+            return found[-1]
+    raise UsageError(f"no checkpoint found in {path}; pass a run folder or one of its "
+                     "checkpoints/step_* folders")
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> dict:
+    """Restore Accelerate's state from ``ckpt`` and return its meta record."""
+    meta = read_meta(ckpt)
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as err:  # corrupt or truncated tensors, wrong shapes, missing files
+        raise UsageError(f"checkpoint {ckpt} cannot be loaded ({err.__class__.__name__}: "
+                         f"{str(err).splitlines()[0][:160] if str(err) else ''}); delete it to fall "
+                         "back to the previous one, or start without --resume") from None
+    return meta

@@ -1,0 +1,126 @@
+"""One config dataclass per trainer -> one argparse CLI, shared by the CLI and Ray Tune.
+
+Each field of a config dataclass becomes a kebab-case flag whose help text comes from
+``field(metadata={"help": ..., "group": ...})``. Bad input raises ``UsageError``; the
+entry points turn it into one line on stderr and exit code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any, Callable, Sequence
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+def arg(default: Any, help: str, group: str = "misc", choices: Sequence[Any] | None = None):
+    """A dataclass field that knows its CLI help text, group and choices."""
+    meta = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print a single actionable line."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one flag per dataclass field, grouped by purpose as in nanochat."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = type(default) if default is not None else str
+        if kind is bool:
+            # --flag / --no-flag, so a default of True can still be switched off.
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=meta["help"])
+            continue
+        group.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+                           choices=meta["choices"], metavar=f.name.upper() if not meta["choices"] else None,
+                           help=meta["help"])
+
+
+def make_parser(config_cls: type, description: str, prog: str | None = None) -> OneLineParser:
+    parser = OneLineParser(prog=prog, description=description,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser, config_cls)
+    return parser
+
+
+def config_from_args(config_cls: type, ns: argparse.Namespace):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def parse_config(config_cls: type, argv: Sequence[str] | None, description: str, prog: str | None = None):
+    """Parse argv into a validated config (``config.validate()`` raises UsageError)."""
+    ns = make_parser(config_cls, description, prog).parse_args(argv)
+    cfg = config_from_args(config_cls, ns)
+    cfg.validate()
+    return cfg
+
+
+# --- validation helpers: each raises UsageError naming the flag -------------------------
+
+def require_positive(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{_flag(name)} must be a positive finite number, got {value!r}")
+
+
+def require_non_negative(value: float, name: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise UsageError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
+
+
+def require_choice(value: Any, choices: Sequence[Any], name: str) -> None:
+    if value not in choices:
+        raise UsageError(f"{_flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def require_at_least(value: int, low: int, name: str) -> None:
+    if not isinstance(value, int) or value < low:
+        raise UsageError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
+
+
+def validate_field_choices(cfg) -> None:
+    """Check every field declared with ``choices`` (also for configs built in code, e.g. by Ray)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices:
+            require_choice(getattr(cfg, f.name), choices, f.name)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
+    """Call ``main(argv)``; a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as err:
+        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "palgan"
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        sys.exit(2)

@@ -1,0 +1,313 @@
+"""Train the from-scratch LSTM (or the vanilla RNN) on palindromes, under HF Accelerate.
+
+    python trainers/lstm.py                                  # the report's config: T=5, 10k steps
+    accelerate launch trainers/lstm.py --seq-length 20       # same, through accelerate
+    accelerate launch --config_file launch/cpu_2proc.yaml trainers/lstm.py --seq-length 20
+    python trainers/lstm.py --model rnn --seq-length 20      # the baseline
+    python -m trainers.lstm --help
+
+Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}.
+--batch-size is per process: with N processes the global batch is N x batch-size.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from models.lstm import BACKENDS, LSTM
+from models.rnn import RNN
+from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_non_negative,
+                          require_positive, run_cli, validate_field_choices)
+from trainers.figures import plt, save_figure
+from trainers.runtime import (MIXED_PRECISION, StopFlag, check_run_dir_is_free, generator_for,
+                              make_accelerator)
+from trainers.tracking import start_tracker
+
+NUM_CLASSES = 10      # digits 0-9
+VAL_STREAM = 7_777    # seed key of the validation set, apart from every training stream
+
+
+@dataclass
+class LSTMConfig:
+    # data
+    seq_length: int = arg(5, "palindrome length T; the input is its first T-1 digits", "data")
+    input_encoding: str = arg("onehot", "digit encoding: one-hot (10-d) or the 1-d scalar of the course template",
+                              "data", ("onehot", "scalar"))
+    val_size: int = arg(10_000, "size of the fixed validation set", "data")
+    # model
+    model: str = arg("lstm", "lstm (equations 1-8) or the vanilla rnn baseline", "model", ("lstm", "rnn"))
+    hidden_dim: int = arg(128, "hidden units H", "model")
+    backend: str = arg("script", "time loop: script (TorchScript) or eager (plain Python)", "model", BACKENDS)
+    forget_bias: float = arg(1.0, "initial forget-gate bias b_f (the report's init is 0)", "model")
+    # optimisation
+    lr: float = arg(1e-3, "RMSprop learning rate", "optimisation")
+    batch_size: int = arg(128, "sequences per step, per process", "optimisation")
+    steps: int = arg(10_000, "training steps", "optimisation")
+    clip_norm: float = arg(10.0, "max gradient norm (0 turns clipping off)", "optimisation")
+    mixed_precision: str = arg("no", "autocast precision", "optimisation", MIXED_PRECISION)
+    # evaluation and logging
+    eval_every: int = arg(500, "steps between validation passes", "evaluation")
+    log_every: int = arg(50, "steps between train/* scalars", "evaluation")
+    wandb: bool = arg(True, "log to wandb (offline without an API key); --no-wandb for none", "logging")
+    wandb_project: str = arg("palgan", "wandb project", "logging")
+    wandb_group: str = arg("", "wandb group (the sweep sets it)", "logging")
+    # run
+    out_dir: str = arg("runs", "root folder of runs", "run")
+    run_name: str = arg("", "run folder name (default: <model>-T<seq-length>-h<hidden-dim>-s<seed>)", "run")
+    seed: int = arg(0, "seed of the initial weights and of every data stream", "run")
+    resume: bool = arg(False, "continue from the run's latest checkpoint", "run")
+    checkpoint_every: int = arg(1000, "steps between checkpoints", "run")
+    keep_checkpoints: int = arg(3, "checkpoints kept (the oldest are deleted)", "run")
+    progress: bool = arg(True, "show a tqdm bar on the main process", "run")
+
+    def validate(self) -> None:
+        validate_field_choices(self)
+        require_at_least(self.seq_length, 2, "seq_length")
+        require_positive(self.lr, "lr")
+        for name in ("steps", "batch_size", "hidden_dim", "eval_every", "log_every", "val_size",
+                     "checkpoint_every", "keep_checkpoints"):
+            require_at_least(getattr(self, name), 1, name)
+        require_non_negative(self.clip_norm, "clip_norm")
+        if not math.isfinite(self.forget_bias):
+            raise UsageError(f"--forget-bias must be finite, got {self.forget_bias}")
+
+    @property
+    def input_dim(self) -> int:
+        return NUM_CLASSES if self.input_encoding == "onehot" else 1
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.model}-T{self.seq_length}-h{self.hidden_dim}-s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir).resolve() / self.name
+
+
+# --- data --------------------------------------------------------------------------------
+
+def palindromes(n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``(n, length)`` random digit palindromes: d_i = d_{length-1-i}."""
+    half = torch.randint(0, NUM_CLASSES, (n, (length + 1) // 2), generator=generator)
+    return torch.cat([half, half[:, : length // 2].flip(1)], dim=1)
+
+
+def encode(digits: torch.Tensor, encoding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``(n, T-1, D)`` from the first T-1 digits; the target is the last digit."""
+    inputs, target = digits[:, :-1], digits[:, -1]
+    if encoding == "onehot":
+        return F.one_hot(inputs, NUM_CLASSES).float(), target
+    return inputs.unsqueeze(-1).float(), target
+
+
+def train_batch(cfg: LSTMConfig, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step`` on ``rank``: a pure function of (seed, rank, step)."""
+    return encode(palindromes(cfg.batch_size, cfg.seq_length, generator_for(cfg.seed, rank, step)),
+                  cfg.input_encoding)
+
+
+def validation_set(cfg: LSTMConfig) -> TensorDataset:
+    """Fixed for a given T and size, whatever the training seed, so runs compare."""
+    digits = palindromes(cfg.val_size, cfg.seq_length, generator_for(VAL_STREAM, cfg.seq_length))
+    return TensorDataset(*encode(digits, cfg.input_encoding))
+
+
+# --- model, evaluation, figures ------------------------------------------------------------
+
+def build_model(cfg: LSTMConfig) -> torch.nn.Module:
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "lstm":
+        return LSTM(cfg.input_dim, cfg.hidden_dim, NUM_CLASSES, backend=cfg.backend, forget_bias=cfg.forget_bias)
+    return RNN(cfg.input_dim, cfg.hidden_dim, NUM_CLASSES, backend=cfg.backend)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict[str, float]:
+    """Validation loss and accuracy over the whole set, gathered across ranks."""
+    model.eval()
+    losses, hits = [], []
+    for x, y in loader:
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        loss, hit = accelerator.gather_for_metrics((loss, (logits.argmax(1) == y).float()))
+        losses.append(loss)
+        hits.append(hit)
+    model.train()
+    return {"val/loss": torch.cat(losses).mean().item(), "val/acc": torch.cat(hits).mean().item()}
+
+
+def plot_curves(history: list[dict], path: Path) -> Path:
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        rows = [r for r in history if f"{split}/acc" in r]
+        steps = [r["step"] for r in rows]
+        ax_acc.plot(steps, [r[f"{split}/acc"] for r in rows], style, label=split, ms=3)
+        ax_loss.plot(steps, [r[f"{split}/loss"] for r in rows], style, label=split, ms=3)
+    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="accuracy")
+    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_gates(model, cfg: LSTMConfig, path: Path) -> Path:
+    """For one sample palindrome: mean i, f, o per step, then c and h (means and heatmaps)."""
+    x, y = validation_set(cfg)[0:1]
+    logits, states = model(x.to(next(model.parameters()).device), return_states=True)
+    digits = (x[0].argmax(-1) if cfg.input_encoding == "onehot" else x[0, :, 0]).long().tolist()
+    ticks = [f"t={t}\n{d}" for t, d in enumerate(digits)]
+    steps = range(len(digits))
+    s = {k: v[0].float().cpu() for k, v in states.items()}   # each (L, H)
+    title = (f"{cfg.model.upper()} on {''.join(map(str, digits))}? -> predicts "
+             f"{logits.argmax(1).item()} (target {y.item()})")
+    if "i" not in s:  # the RNN has no gates: show its hidden state only
+        fig, ax = plt.subplots(figsize=(7, 4))
+        im = ax.imshow(s["h"].T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+        ax.set(xticks=list(steps), xticklabels=ticks, ylabel="hidden unit", title=title)
+        fig.colorbar(im, ax=ax, label="h")
+        return save_figure(fig, path)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    for ax, (key, name) in zip(axes[0], (("i", "input gate i"), ("f", "forget gate f"), ("o", "output gate o"))):
+        mean, std = s[key].mean(1), s[key].std(1)
+        ax.plot(steps, mean, "o-")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.25)
+        ax.set(title=f"{name}: mean over units (+/- std)", ylim=(0, 1), xticks=list(steps), xticklabels=ticks)
+        ax.grid(alpha=0.3)
+    ax = axes[1, 0]
+    ax.plot(steps, s["c"].mean(1), "o-", label="c (cell)")
+    ax.plot(steps, s["h"].mean(1), "s-", label="h (hidden)")
+    ax.plot(steps, s["c"].abs().mean(1), "--", label="|c|")
+    ax.set(title="cell and hidden state: mean over units", xticks=list(steps), xticklabels=ticks)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for ax, key in zip(axes[1, 1:], ("c", "h")):
+        lim = float(s[key].abs().max()) or 1.0
+        im = ax.imshow(s[key].T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        ax.set(title=f"{key} per hidden unit", ylabel="unit", xticks=list(steps), xticklabels=ticks)
+        fig.colorbar(im, ax=ax)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | None = None) -> dict:
+    """Train under an Accelerator; return the final metrics. ``on_eval(step, metrics, ckpt)``
+    is called after every validation pass (Ray Tune reports through it)."""
+    cfg.validate()
+    run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    check_run_dir_is_free(run_dir, cfg.resume)
+    resume_from = latest_checkpoint(ckpt_dir) if cfg.resume else None
+
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb, run_dir)
+    rank, config = accelerator.process_index, asdict(cfg)
+    model = build_model(cfg)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    val_loader = DataLoader(validation_set(cfg), batch_size=1000, shuffle=False)
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
+
+    start, history, wall_before = 0, [], 0.0
+    if resume_from is not None:
+        meta = load_checkpoint(accelerator, resume_from)
+        start = meta["step"]
+        history, wall_before = meta["extra"].get("history", []), meta["extra"].get("wall_time", 0.0)
+        accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name})")
+
+    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, cfg.wandb_group or None)
+    stop = StopFlag()
+    t0 = time.perf_counter()
+    wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.name, dynamic_ncols=True,
+               disable=not (cfg.progress and accelerator.is_local_main_process))
+    window_loss, window_hits, window_n = 0.0, 0.0, 0
+    last_train, last_val, step = {}, {}, start
+
+    def checkpoint(at: int) -> Path:
+        return save_checkpoint(accelerator, ckpt_dir, at, config, cfg.keep_checkpoints,
+                               extra={"history": history, "wall_time": wall()})
+
+    model.train()
+    for step in range(start + 1, cfg.steps + 1):
+        x, y = train_batch(cfg, rank, step)
+        x, y = x.to(accelerator.device), y.to(accelerator.device)
+        logits = model(x).float()                       # (B, 10)
+        loss = F.cross_entropy(logits, y)               # eq 8-9: softmax + NLL on the last step
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if cfg.clip_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        optimizer.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise UsageError(f"the loss became {loss_value} at step {step}; lower --lr or --clip-norm "
+                             "(checkpoints already written are kept)")
+        window_loss += loss_value
+        window_hits += (logits.argmax(1) == y).float().mean().item()
+        window_n += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            last_train = {"train/loss": window_loss / window_n, "train/acc": window_hits / window_n}
+            window_loss, window_hits, window_n = 0.0, 0.0, 0
+            history.append({"step": step, **last_train})
+            tracker.log(last_train, step=step)
+            bar.set_postfix(loss=f"{last_train['train/loss']:.3f}", acc=f"{last_train['train/acc']:.3f}")
+
+        stopping = stop.should_stop(accelerator)
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluating:
+            last_val = evaluate(model, val_loader, accelerator)
+            history.append({"step": step, **last_val})
+            tracker.log(last_val, step=step)
+        ckpt = None
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            ckpt = checkpoint(step)
+        if evaluating and on_eval is not None:
+            on_eval(step, {**last_train, **last_val, "step": step}, ckpt)
+        if stopping:
+            accelerator.print(f"stop requested: checkpoint at step {step} written; rerun with --resume")
+            break
+    bar.close()
+    stop.restore()
+
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = {**last_train, **last_val, "steps": step, "wall_time_s": round(wall(), 2),
+               "processes": accelerator.num_processes, "finished": step == cfg.steps, "config": config}
+    if accelerator.is_main_process:
+        figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
+                   "figures/gates": plot_gates(unwrapped, cfg, run_dir / "figures" / "gates.png")}
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        tracker.log_images(figures, step=step)
+    tracker.finish()
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(LSTMConfig, argv, description=__doc__.splitlines()[0], prog="trainers/lstm.py")
+    metrics = train(cfg)
+    if metrics.get("val/acc") is not None:
+        print(f"{cfg.name}: val/acc {metrics['val/acc']:.4f}  val/loss {metrics['val/loss']:.4f}  "
+              f"steps {metrics['steps']}  wall {metrics['wall_time_s']:.1f}s  -> {cfg.run_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
