@@ -1,0 +1,294 @@
+"""The from-scratch LSTM and RNN against independent oracles, for every backend.
+
+Oracles: ``torch.nn.LSTM``/``torch.nn.RNN`` + ``nn.Linear`` with weights copied through
+``gate_weights()`` (logits and every gradient), ``torch.autograd.gradcheck`` in float64, and a
+step-by-step recomputation of equations 1-6 in plain PyTorch (one matmul per gate, as the
+report writes them). Sizes are random (seeded per case); L runs from 1 to 50.
+
+PALGAN_TEST_DEVICE=cuda runs the same checks on a GPU (benchmarks/gpu_check.sh does).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from models.lstm import BACKENDS, GATES, LSTM
+from models.rnn import RNN
+
+DEVICE = torch.device(os.environ.get("PALGAN_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+LENGTHS = (1, 2, 7, 23, 50)
+TORCH_ORDER = ("i", "f", "g", "o")   # nn.LSTM stacks its gates as i, f, g, o
+
+
+def random_sizes(seed: int) -> tuple[int, int, int, int]:
+    """(B, D, H, K) drawn from a generator seeded by the case, so failures reproduce."""
+    g = torch.Generator().manual_seed(seed)
+    B, D, H, K = (int(torch.randint(lo, hi + 1, (1,), generator=g)) for lo, hi in
+                  ((1, 6), (1, 7), (1, 9), (2, 6)))
+    return B, D, H, K
+
+
+def randomise(model: nn.Module, seed: int) -> None:
+    """Non-zero biases everywhere, so a bias mix-up cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.6)
+
+
+def grads_by_name(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameter gradients in ``gate_weights()`` form.
+
+    ``gate_weights()`` only slices parameters, so applying it to the gradients (put in the
+    parameters' place for a moment) maps them with the same public API the tests check.
+    """
+    saved = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.grad)
+        out = model.gate_weights()
+        for p, s in zip(model.parameters(), saved):
+            p.copy_(s)
+    return out
+
+
+def assert_close(actual, expected, tol, what):
+    err = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:g}"
+
+
+# --- LSTM -----------------------------------------------------------------------------------
+
+def torch_lstm_from(weights: dict, D: int, H: int, K: int, dtype) -> tuple[nn.LSTM, nn.Linear]:
+    lstm = nn.LSTM(D, H, batch_first=True).to(DEVICE, dtype)
+    head = nn.Linear(H, K).to(DEVICE, dtype)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(torch.cat([weights[f"W_{k}x"].T for k in TORCH_ORDER]))  # (4H, D)
+        lstm.weight_hh_l0.copy_(torch.cat([weights[f"W_{k}h"].T for k in TORCH_ORDER]))  # (4H, H)
+        lstm.bias_ih_l0.copy_(torch.cat([weights[f"b_{k}"] for k in TORCH_ORDER]))
+        lstm.bias_hh_l0.zero_()
+        head.weight.copy_(weights["W_ph"].T)
+        head.bias.copy_(weights["b_p"])
+    return lstm, head
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_logits_and_every_gradient_match_nn_lstm(backend, L, dtype):
+    B, D, H, K = random_sizes(L)
+    torch.manual_seed(L)
+    model = LSTM(D, H, K, backend=backend).to(DEVICE, dtype)
+    randomise(model, seed=L)
+    lstm, head = torch_lstm_from(model.gate_weights(), D, H, K, dtype)
+    x = torch.randn(B, L, D, dtype=dtype, device=DEVICE)
+    dp = torch.randn(B, K, dtype=dtype, device=DEVICE)          # a random upstream gradient
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    p = model(x_ours)
+    (p * dp).sum().backward()
+    out, _ = lstm(x_ref)
+    p_ref = head(out[:, -1])
+    (p_ref * dp).sum().backward()
+
+    tol = TOL[dtype]
+    assert_close(p, p_ref, tol, "logits")
+    assert_close(x_ours.grad, x_ref.grad, tol, "dL/dx")
+    ours = grads_by_name(model)
+    rows = {k: slice(n * H, (n + 1) * H) for n, k in enumerate(TORCH_ORDER)}
+    for k in GATES:
+        assert_close(ours[f"W_{k}x"], lstm.weight_ih_l0.grad[rows[k]].T, tol, f"dL/dW_{k}x")
+        assert_close(ours[f"W_{k}h"], lstm.weight_hh_l0.grad[rows[k]].T, tol, f"dL/dW_{k}h")
+        assert_close(ours[f"b_{k}"], lstm.bias_ih_l0.grad[rows[k]], tol, f"dL/db_{k}")
+    assert_close(ours["W_ph"], head.weight.grad.T, tol, "dL/dW_ph")
+    assert_close(ours["b_p"], head.bias.grad, tol, "dL/db_p")
+
+
+def lstm_by_the_equations(w: dict, x: torch.Tensor):
+    """Equations 1-7 step by step, one matmul per gate, from ``gate_weights()``."""
+    B, L, _ = x.shape
+    h = x.new_zeros(B, w["W_gh"].shape[0])
+    c = torch.zeros_like(h)
+    states = {k: [] for k in ("g", "i", "f", "o", "c", "h")}
+    for t in range(L):
+        x_t = x[:, t]
+        g = torch.tanh(x_t @ w["W_gx"] + h @ w["W_gh"] + w["b_g"])     # (1)
+        i = torch.sigmoid(x_t @ w["W_ix"] + h @ w["W_ih"] + w["b_i"])  # (2)
+        f = torch.sigmoid(x_t @ w["W_fx"] + h @ w["W_fh"] + w["b_f"])  # (3)
+        o = torch.sigmoid(x_t @ w["W_ox"] + h @ w["W_oh"] + w["b_o"])  # (4)
+        c = g * i + c * f                                              # (5)
+        h = torch.tanh(c) * o                                          # (6)
+        for k, v in zip(("g", "i", "f", "o", "c", "h"), (g, i, f, o, c, h)):
+            states[k].append(v)
+    p = h @ w["W_ph"] + w["b_p"]                                       # (7)
+    return p, {k: torch.stack(v, dim=1) for k, v in states.items()}
+
+
+@pytest.mark.parametrize("L", (1, 9, 50))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_return_states_follow_equations_1_to_6(backend, L):
+    B, D, H, K = random_sizes(100 + L)
+    torch.manual_seed(L)
+    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    randomise(model, seed=100 + L)
+    x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE)
+    p, states = model(x, return_states=True)
+    p_ref, ref = lstm_by_the_equations(model.gate_weights(), x)
+    assert_close(p, p_ref, 1e-10, "logits")
+    assert set(states) == set(ref)
+    for k in ref:
+        assert_close(states[k], ref[k], 1e-10, f"state {k}")
+    assert_close(model(x), p, 0.0, "logits with and without return_states")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_gradcheck_float64(backend):
+    B, L, D, H, K = 3, 5, 4, 3, 2
+    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    randomise(model, seed=7)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def logits(x, *ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_gradient_flows_through_returned_h_states(backend):
+    """A loss on every step's h (not only the last) back-propagates like the reference."""
+    B, L, D, H, K = 2, 6, 3, 4, 2
+    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    randomise(model, seed=11)
+    x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    w = torch.randn(B, L, H, dtype=torch.float64, device=DEVICE)
+    _, states = model(x, return_states=True)
+    (states["h"] * w).sum().backward()
+    ours = x.grad.clone()
+    x.grad = None
+    gw = {k: v.requires_grad_() for k, v in model.gate_weights().items()}
+    _, ref = lstm_by_the_equations(gw, x)
+    (ref["h"] * w).sum().backward()
+    assert_close(ours, x.grad, 1e-10, "dL/dx through h_1..h_L")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_gate_weights_round_trip(backend):
+    torch.manual_seed(3)
+    a = LSTM(5, 6, 4, backend=backend).to(DEVICE)
+    b = LSTM(5, 6, 4, backend=backend).to(DEVICE)
+    randomise(a, seed=3)
+    w = a.gate_weights()
+    assert set(w) == {f"{p}_{k}{s}" for k in GATES for p, s in (("W", "x"), ("W", "h"), ("b", ""))} | {"W_ph", "b_p"}
+    assert w["W_gx"].shape == (5, 6) and w["W_oh"].shape == (6, 6) and w["W_ph"].shape == (6, 4)
+    b.load_gate_weights(w)
+    for k, v in b.gate_weights().items():
+        assert torch.equal(v, w[k]), k
+    x = torch.randn(3, 8, 5, device=DEVICE)
+    assert torch.equal(a(x), b(x))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        LSTM(2, 3, 4, backend="cudnn")
+    with pytest.raises(ValueError, match="backend"):
+        RNN(2, 3, 4, backend="cudnn")
+
+
+# --- RNN ------------------------------------------------------------------------------------
+
+def torch_rnn_from(w: dict, D: int, H: int, K: int, dtype) -> tuple[nn.RNN, nn.Linear]:
+    rnn = nn.RNN(D, H, nonlinearity="tanh", batch_first=True).to(DEVICE, dtype)
+    head = nn.Linear(H, K).to(DEVICE, dtype)
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(w["W_hx"].T)
+        rnn.weight_hh_l0.copy_(w["W_hh"].T)
+        rnn.bias_ih_l0.copy_(w["b_h"])
+        rnn.bias_hh_l0.zero_()
+        head.weight.copy_(w["W_ph"].T)
+        head.bias.copy_(w["b_p"])
+    return rnn, head
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_logits_and_every_gradient_match_nn_rnn(backend, L, dtype):
+    B, D, H, K = random_sizes(200 + L)
+    torch.manual_seed(L)
+    model = RNN(D, H, K, backend=backend).to(DEVICE, dtype)
+    randomise(model, seed=200 + L)
+    rnn, head = torch_rnn_from(model.gate_weights(), D, H, K, dtype)
+    x = torch.randn(B, L, D, dtype=dtype, device=DEVICE)
+    dp = torch.randn(B, K, dtype=dtype, device=DEVICE)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    p = model(x_ours)
+    (p * dp).sum().backward()
+    out, _ = rnn(x_ref)
+    p_ref = head(out[:, -1])
+    (p_ref * dp).sum().backward()
+
+    tol = TOL[dtype]
+    assert_close(p, p_ref, tol, "logits")
+    assert_close(x_ours.grad, x_ref.grad, tol, "dL/dx")
+    ours = grads_by_name(model)
+    assert_close(ours["W_hx"], rnn.weight_ih_l0.grad.T, tol, "dL/dW_hx")
+    assert_close(ours["W_hh"], rnn.weight_hh_l0.grad.T, tol, "dL/dW_hh")
+    assert_close(ours["b_h"], rnn.bias_ih_l0.grad, tol, "dL/db_h")
+    assert_close(ours["W_ph"], head.weight.grad.T, tol, "dL/dW_ph")
+    assert_close(ours["b_p"], head.bias.grad, tol, "dL/db_p")
+
+
+@pytest.mark.parametrize("L", (1, 9, 50))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_return_states_follow_the_recurrence(backend, L):
+    B, D, H, K = random_sizes(300 + L)
+    model = RNN(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    randomise(model, seed=300 + L)
+    w = model.gate_weights()
+    x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE)
+    h, hs = x.new_zeros(B, H), []
+    for t in range(L):
+        h = torch.tanh(x[:, t] @ w["W_hx"] + h @ w["W_hh"] + w["b_h"])
+        hs.append(h)
+    p, states = model(x, return_states=True)
+    assert set(states) == {"h"}
+    assert_close(states["h"], torch.stack(hs, dim=1), 1e-10, "h")
+    assert_close(p, h @ w["W_ph"] + w["b_p"], 1e-10, "logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_gradcheck_float64(backend):
+    model = RNN(3, 4, 2, backend=backend).to(DEVICE, torch.float64)
+    randomise(model, seed=5)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(2, 6, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def logits(x, *ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_gate_weights_round_trip(backend):
+    a, b = RNN(3, 5, 4, backend=backend).to(DEVICE), RNN(3, 5, 4, backend=backend).to(DEVICE)
+    randomise(a, seed=9)
+    b.load_gate_weights(a.gate_weights())
+    x = torch.randn(2, 7, 3, device=DEVICE)
+    assert torch.equal(a(x), b(x))
+    assert set(a.gate_weights()) == {"W_hx", "W_hh", "b_h", "W_ph", "b_p"}
