@@ -15,8 +15,11 @@ from trainers.tracking import log_with
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path):
-    """An ``Accelerator`` for this process; CPU, one GPU or DDP is decided by ``accelerate launch``."""
+def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwargs_handlers=None):
+    """An ``Accelerator`` for this process; CPU, one GPU or DDP is decided by ``accelerate launch``.
+
+    ``kwargs_handlers`` go to ``Accelerator`` as they are (the GAN passes
+    ``DistributedDataParallelKwargs(broadcast_buffers=False)`` for its SyncBatchNorm)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -28,7 +31,7 @@ def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path):
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with(use_wandb),
-                       project_dir=str(run_dir))
+                       project_dir=str(run_dir), kwargs_handlers=kwargs_handlers)
 
 
 def stream_seed(*keys: int) -> int:
