@@ -32,9 +32,9 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_wandb_credentials() else "offline")
 
 
-def log_with(use_wandb: bool) -> list[str]:
+def log_with(use_wandb: bool) -> list[str] | None:
     """The ``log_with`` argument for ``Accelerator``: wandb when asked for and installed."""
-    return ["wandb"] if use_wandb and wandb_installed() else []
+    return ["wandb"] if use_wandb and wandb_installed() else None
 
 
 class NullTracker:
