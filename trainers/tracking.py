@@ -94,7 +94,7 @@ def start_tracker(accelerator, project: str, run_name: str, config: dict, run_di
 
 def read_offline_run(wandb_file: str | Path) -> dict[str, Any]:
     """Read a ``run-*.wandb`` file back: ``{"history": [{key: value, "_step": n}, ...],
-    "config": {...}}``, for tests and for a quick look without a server.
+    "config": {...}, "run": {"name", "group", "project"}}``, for tests and for a quick look without a server.
 
     The file is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of
     ``crc32(4) length(2) type(1) payload`` chunks) of ``wandb_internal_pb2.Record`` messages.
@@ -123,12 +123,14 @@ def read_offline_run(wandb_file: str | Path) -> dict[str, Any]:
             rec.ParseFromString(pending)
             records.append(rec)
             pending = b""
-    out: dict[str, Any] = {"history": [], "config": {}}
+    out: dict[str, Any] = {"history": [], "config": {}, "run": {}}
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in rec.history.item}
             out["history"].append(row)
+        elif kind == "run":  # the run's identity: {"name", "group", "project"}
+            out["run"] = {"name": rec.run.display_name, "group": rec.run.run_group, "project": rec.run.project}
         elif kind == "config":
             for item in rec.config.update:
                 out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
