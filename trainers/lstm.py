@@ -295,18 +295,17 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
                    "figures/gates": plot_gates(unwrapped, cfg, run_dir / "figures" / "gates.png")}
         write_json_atomic(run_dir / "metrics.json", metrics)
         tracker.log_images(figures, step=step)
-    tracker.finish()
+    accelerator.print(f"{cfg.name}: val/acc {metrics.get('val/acc', float('nan')):.4f}  "
+                      f"val/loss {metrics.get('val/loss', float('nan')):.4f}  steps {step}  "
+                      f"wall {metrics['wall_time_s']:.1f}s  -> {run_dir}")
     accelerator.wait_for_everyone()
+    tracker.finish()  # last: Accelerate's end_training also tears down the process group
     return metrics
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(LSTMConfig, argv, description=__doc__.splitlines()[0], prog="trainers/lstm.py")
-    metrics = train(cfg)
-    if metrics.get("val/acc") is not None:
-        print(f"{cfg.name}: val/acc {metrics['val/acc']:.4f}  val/loss {metrics['val/loss']:.4f}  "
-              f"steps {metrics['steps']}  wall {metrics['wall_time_s']:.1f}s  -> {cfg.run_dir}")
-    return metrics
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwarg
         # so an earlier run's precision setting does not leak into this one.
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
+    # cpu=True on a machine with no GPU: under `accelerate launch` with several processes
+    # (torchrun underneath) Accelerate then runs DDP over gloo instead of looking for CUDA.
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with(use_wandb),
-                       project_dir=str(run_dir), kwargs_handlers=kwargs_handlers)
+                       project_dir=str(run_dir), kwargs_handlers=kwargs_handlers,
+                       cpu=not torch.cuda.is_available())
 
 
 def stream_seed(*keys: int) -> int:
