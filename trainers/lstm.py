@@ -32,8 +32,8 @@ from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_non_negative,
                           require_positive, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure
-from trainers.runtime import (MIXED_PRECISION, StopFlag, check_run_dir_is_free, generator_for,
-                              make_accelerator)
+from trainers.runtime import (MIXED_PRECISION, StopFlag, check_run_dir_is_free, fingerprint,
+                              gather_fingerprints, generator_for, make_accelerator)
 from trainers.tracking import start_tracker
 
 NUM_CLASSES = 10      # digits 0-9
@@ -289,7 +289,10 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
 
     unwrapped = accelerator.unwrap_model(model)
     metrics = {**last_train, **last_val, "steps": step, "wall_time_s": round(wall(), 2),
-               "processes": accelerator.num_processes, "finished": step == cfg.steps, "config": config}
+               "processes": accelerator.num_processes, "finished": step == cfg.steps, "config": config,
+               # DDP replicas must stay bit-identical; each rank's first batch must differ
+               "rank_weight_fingerprints": gather_fingerprints(accelerator, fingerprint(*unwrapped.parameters())),
+               "rank_data_fingerprints": gather_fingerprints(accelerator, fingerprint(*train_batch(cfg, rank, 1)))}
     if accelerator.is_main_process:
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
                    "figures/gates": plot_gates(unwrapped, cfg, run_dir / "figures" / "gates.png")}

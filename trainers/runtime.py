@@ -15,6 +15,14 @@ from trainers.tracking import log_with
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
+def effective_precision(flag: str) -> str:
+    """``--mixed-precision`` when set to bf16/fp16, else the launch config's (``accelerate launch``
+    exports it as ACCELERATE_MIXED_PRECISION), else ``no``."""
+    if flag != "no":
+        return flag
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+
+
 def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwargs_handlers=None):
     """An ``Accelerator`` for this process; CPU, one GPU or DDP is decided by ``accelerate launch``.
 
@@ -23,6 +31,7 @@ def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwarg
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
+    mixed_precision = effective_precision(mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed-precision fp16 needs a CUDA GPU; use bf16 on a CPU")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -82,3 +91,20 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def fingerprint(*tensors: torch.Tensor) -> int:
+    """A 63-bit hash of the tensors' exact bytes (equal iff bit-identical, barring collisions)."""
+    import hashlib
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def gather_fingerprints(accelerator, value: int) -> list[int]:
+    """Every rank's ``value``, in rank order (a list of one without distribution)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    t = torch.tensor([value], dtype=torch.int64, device=accelerator.device)
+    return [int(v) for v in accelerator.gather(t).tolist()]

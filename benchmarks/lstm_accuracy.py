@@ -1,0 +1,61 @@
+"""Part I's headline figures: validation accuracy of the LSTM and the RNN at T=5 and T=20.
+
+    python benchmarks/lstm_accuracy.py                    # all rows, the report's settings otherwise
+    python benchmarks/lstm_accuracy.py --rows lstm:5 --json out.json
+
+Each row is one full run of trainers/lstm.py's own ``train()`` (10,000 steps, batch 128, RMSprop 1e-3,
+clip 10, hidden 128), so the numbers are the trainer's. ``lstm-fb0`` is the LSTM with the report's
+initialisation (forget-gate bias 0) instead of palgan's default of 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from trainers.lstm import LSTMConfig, train
+
+DEFAULT_ROWS = "lstm:5,lstm:20,lstm-fb0:20,rnn:5,rnn:20"
+
+
+def config_for(row: str, out_dir: str, steps: int) -> LSTMConfig:
+    model, length = row.split(":")
+    forget_bias = 0.0 if model.endswith("-fb0") else 1.0
+    return LSTMConfig(model=model.removesuffix("-fb0"), seq_length=int(length), forget_bias=forget_bias,
+                      steps=steps, out_dir=out_dir, run_name=row.replace(":", "-T"), wandb=False,
+                      progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="comma-separated model:T (model: lstm, lstm-fb0, rnn)")
+    parser.add_argument("--steps", type=int, default=10_000, help="training steps per run")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in args.rows.split(","):
+            m = train(config_for(row, tmp, args.steps))
+            results.append({"row": row, "val_acc": m["val/acc"], "val_loss": m["val/loss"],
+                            "steps": m["steps"], "wall_s": m["wall_time_s"]})
+            print(f"{row:>12}  val/acc {m['val/acc']:.4f}  val/loss {m['val/loss']:.4f}  "
+                  f"wall {m['wall_time_s']:.0f}s", flush=True)
+    print(f"\nmachine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| run | T | val acc | val loss | wall (s) |\n|---|---|---|---|---|")
+    for r in results:
+        model, length = r["row"].split(":")
+        print(f"| {model} | {length} | {100 * r['val_acc']:.2f}% | {r['val_loss']:.4f} | {r['wall_s']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
