@@ -1,0 +1,199 @@
+"""The Ray Tune sweep end to end: every output read back from disk, interrupt and --resume, ASHA per
+grid point against plain ASHA, bad input. One local Ray session (2 CPUs) is shared by the module."""
+import csv
+import json
+import os
+import signal
+import socket
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.image as mpimg
+import pytest
+from ray.tune.callback import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from conftest import assert_usage_error, run_script
+from trainers.cli import UsageError, run_cli
+from trainers.lstm import LSTMConfig
+from trainers.tracking import read_offline_run
+from tune.asha import GroupedASHA
+from tune.lstm_sweep import SweepConfig, main, run_sweep
+
+TINY = dict(hidden_dims="6", num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
+            val_size=100)
+TINY_FLAGS = [x for k, v in TINY.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:   # inherited by the Ray workers started below
+        for k in [k for k in os.environ if k.startswith("WANDB_")]:
+            mp.delenv(k)
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 ** 2)
+        yield
+        ray.shutdown()
+
+
+def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
+    """Tune's own record of one trial: every line of its result.json."""
+    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def offline_runs(folder: Path) -> list[dict]:
+    return [read_offline_run(f) for f in sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
+    main(["--models", "lstm,rnn", "--seq-lengths", "4", *TINY_FLAGS, "--out-dir", str(tmp_path),
+          "--name", "tiny"])
+    sweep = tmp_path / "sweeps" / "tiny"
+
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    assert sorted(r["model"] for r in rows) == ["lstm", "rnn"]
+    best = {}
+    for r in rows:
+        reports = tune_reports(sweep, r["trial_id"])
+        accs = [rep["val/acc"] for rep in reports]
+        assert [rep["step"] for rep in reports] == [10, 20, 30] and r["status"] == "completed"
+        assert float(r["best_val_acc"]) == pytest.approx(max(accs))
+        assert 1e-4 <= float(r["lr"]) <= 1e-2 and r["hidden_dim"] == "6"
+        # the trainer's own record of the trial agrees with what Tune received
+        run_dir = Path(r["run_dir"])
+        assert run_dir.parent == sweep / "trials"
+        assert json.loads((run_dir / "metrics.json").read_text())["val/acc"] == pytest.approx(accs[-1])
+        (trial_run,) = offline_runs(run_dir)
+        assert trial_run["run"]["group"] == "tiny" and trial_run["run"]["name"] == run_dir.name
+        assert [h["val/acc"] for h in trial_run["history"] if "val/acc" in h] == pytest.approx(accs)
+        best[r["model"]] = max(accs)
+
+    table = (sweep / "table.md").read_text().splitlines()
+    assert table[0] == "| Model | T=4 | Avg. |"
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:5]}
+    assert cells["LSTM"][0] == f"{100 * best['lstm']:.2f}%"
+    assert cells["Vanilla RNN"][0] == f"{100 * best['rnn']:.2f}%"
+    assert cells["Improvement (LSTM - RNN)"][0] == f"{100 * (best['lstm'] - best['rnn']):+.2f} pp"
+
+    image = mpimg.imread(sweep / "figures" / "acc_vs_T.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
+
+    best_json = json.loads((sweep / "best.json").read_text())
+    for model in ("lstm", "rnn"):
+        entry = best_json[model]["4"]
+        assert entry["best_val_acc"] == pytest.approx(best[model])
+        cfg = LSTMConfig(**entry["config"])          # a trainer config that can be rerun as it is
+        cfg.validate()
+        assert (cfg.model, cfg.seq_length, cfg.hidden_dim, cfg.lr) == (model, 4, 6, pytest.approx(entry["lr"]))
+
+    (summary,) = offline_runs(sweep)
+    assert summary["run"] == {"name": "tiny-summary", "group": "tiny", "project": "palgan"}
+    logged = summary["history"][0]
+    assert logged["sweep/table/nrows"] == 3 and logged["sweep/trials/nrows"] == 2
+    assert logged["sweep/acc_vs_T/_type"] == "image-file"
+    assert "| LSTM |" in capsys.readouterr().out
+
+
+class InterruptOnce(Callback):
+    """Ctrl-C, as Tune sees it (SIGUSR1 takes the same path), once a trial has finished and the
+    next one is half-way. The flag file keeps it from firing again after Tuner.restore."""
+
+    def __init__(self, flag: Path, at_step: int):
+        self.flag, self.at_step = str(flag), at_step
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        finished = any(t.status == "TERMINATED" for t in trials)
+        if finished and result["step"] >= self.at_step and not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_interrupted_sweep_resumes_and_runs_each_trial_once(ray_session, tmp_path):
+    # cpus_per_trial=2 on 2 CPUs: one trial at a time, so the interrupt lands at a known place:
+    # the first trial has finished and the second has reported step 20 of 40.
+    sc = SweepConfig(models="lstm", seq_lengths="3,4", **{**TINY, "steps": 40}, cpus_per_trial=2,
+                     wandb=False, out_dir=str(tmp_path), name="cut")
+    first = run_sweep(sc, callbacks=[InterruptOnce(tmp_path / "fired", at_step=20)], verbose=0)
+    assert (tmp_path / "fired").exists() and first["unfinished"] >= 1
+    sweep = first["sweep_dir"]
+    assert not (sweep / "results.csv").exists()            # no table from half a sweep
+
+    with pytest.raises(UsageError, match="--resume"):     # never started over by accident
+        run_sweep(sc, verbose=0)
+    second = run_sweep(replace(sc, resume=True, seq_lengths="99"), verbose=0)   # search flags: saved ones
+    assert second["unfinished"] == 0 and second["trials"] == 2
+
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    assert sorted(int(r["seq_length"]) for r in rows) == [3, 4]
+    attempts = {}
+    for r in rows:
+        assert r["status"] == "completed" and r["steps"] == "40"
+        # each step reported once: no trial was rerun or restarted from scratch
+        assert [rep["step"] for rep in tune_reports(sweep, r["trial_id"])] == [10, 20, 30, 40]
+        starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
+        assert starts[0] == 0 and all(s > 0 for s in starts[1:]) and starts == sorted(set(starts))
+        attempts[int(r["seq_length"])] = starts
+    assert attempts[3] == [0]             # finished before the interrupt: not rerun
+    assert attempts[4] == [0, 20]         # interrupted after its step-20 report: resumed from there
+
+
+def test_asha_stops_trials_only_against_their_own_grid_point():
+    def trial(tid, model, t):
+        return SimpleNamespace(trial_id=tid, config={"model": model, "seq_length": t})
+
+    kw = dict(metric="val/acc", mode="max", time_attr="step", max_t=100, grace_period=10, reduction_factor=2)
+    grouped, plain = GroupedASHA(("model", "seq_length"), **kw), ASHAScheduler(**kw)
+    easy = [trial(f"e{k}", "lstm", 5) for k in range(3)]
+    hard = trial("h0", "rnn", 30)
+    decisions = {}
+    for sched in (grouped, plain):
+        for t in easy + [hard]:
+            sched.on_trial_add(None, t)
+        for t, acc in zip(easy + [hard], (0.9, 0.5, 0.99, 0.2)):
+            decisions[sched, t.trial_id] = sched.on_trial_result(None, t, {"step": 10, "val/acc": acc})
+    # plain ASHA stops the hard task's only trial because LSTMs at T=5 score higher ...
+    assert decisions[plain, "h0"] == TrialScheduler.STOP
+    # ... per grid point it is compared with nothing, while the easy task still stops its weak trial
+    assert decisions[grouped, "h0"] == TrialScheduler.CONTINUE
+    expected = [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.CONTINUE]
+    assert [decisions[s, t.trial_id] for s in (grouped, plain) for t in easy] == expected * 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+BAD = [
+    (["--seq-lengths", ""], "--seq-lengths is empty"),
+    (["--seq-lengths", "5,x"], "--seq-lengths"),
+    (["--lr-min", "1e-2", "--lr-max", "1e-4"], "inverted"),
+    (["--models", "lstm,gru"], "unknown model 'gru'"),
+    (["--hidden-dims", "0"], "--hidden-dims"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial"),
+    (["--resume"], "--resume: no sweep"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD, ids=[" ".join(f) or "empty" for f, _ in BAD])
+def test_bad_input_gives_one_line_and_exit_2(flags, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*flags, "--out-dir", str(tmp_path), "--no-wandb"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not any(tmp_path.iterdir())                                   # nothing written
+
+
+def test_unreachable_address_with_plain_python(tmp_path):
+    proc = run_script(["tune/lstm_sweep.py", "--address", f"127.0.0.1:{free_port()}", "--quick",
+                       "--out-dir", tmp_path], timeout=120)
+    assert_usage_error(proc, "--address", "no Ray cluster answers there")
+    assert not any(tmp_path.iterdir())
