@@ -1,0 +1,121 @@
+"""Throughput of the trainers on 1 and on 2 CPU processes (one thread each), as a ratio.
+
+    python benchmarks/scaling.py                       # both trainers, 3 interleaved rounds
+    python benchmarks/scaling.py --trainers lstm --rounds 5 --json scaling.json
+    python benchmarks/scaling.py --paper               # the on-paper numbers for GPUs and nodes
+
+Each measurement is a real `accelerate launch --config_file launch/cpu_{1,2}proc.yaml trainers/<x>.py`
+run with OMP_NUM_THREADS=1. The per-process batch is fixed (weak scaling, as DDP does: the global
+batch doubles with 2 processes). Throughput = samples processed / the trainer's own wall time
+(metrics.json, which excludes start-up). 1- and 2-process runs alternate, and medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# trainer -> (script, args, samples per step per process)
+TRAINERS = {
+    "lstm": ("trainers/lstm.py", ["--seq-length", "20", "--steps", "600", "--eval-every", "600",
+                                  "--checkpoint-every", "600", "--val-size", "1000"], 128),
+    "gan": ("trainers/gan.py", ["--preset", "cpu-demo", "--max-steps", "60", "--checkpoint-every", "1000",
+                                "--stages", "0"], None),
+}
+
+
+def run_once(trainer: str, procs: int, out: Path, tag: str) -> float:
+    script, args, per_step = TRAINERS[trainer]
+    config = ROOT / "launch" / ("cpu_1proc.yaml" if procs == 1 else "cpu_2proc.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", "29655", script, *args, "--no-wandb", "--no-progress",
+           "--out-dir", str(out), "--run-name", tag]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{trainer} on {procs} process(es) failed:\n{proc.stderr[-3000:]}")
+    m = json.loads((out / tag / "metrics.json").read_text())
+    samples_per_step = per_step or m["config"]["batch_size"]
+    steps = m.get("iterations", m.get("steps"))
+    return steps * samples_per_step * m["processes"] / m["wall_time_s"]
+
+
+def paper_numbers(base_channels: int = 128, batch: int = 128, latent: int = 100) -> dict:
+    """Parameters to all-reduce and FLOPs of one GAN iteration (paper preset), counted on the meta device."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT))
+    from models.dcgan import Discriminator, Generator
+
+    with torch.device("meta"):
+        G, D = Generator(latent, base_channels), Discriminator(base_channels)
+        z, real = torch.randn(batch, latent), torch.randn(batch, 1, 28, 28)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fake = G(z)
+        d_real, d_fake = D(real), D(fake.detach())
+        (F.softplus(-d_real).mean() + F.softplus(d_fake).mean()).backward()   # D step
+        F.softplus(-D(fake)).mean().backward()                                # G step
+    g_params = sum(p.numel() for p in G.parameters())
+    d_params = sum(p.numel() for p in D.parameters())
+    return {"g_params": g_params, "d_params": d_params, "flops_per_iter": counter.get_total_flops(),
+            "grad_bytes_fp32": 4 * (g_params + d_params)}
+
+
+def print_paper_numbers() -> None:
+    n = paper_numbers()
+    gflop = n["flops_per_iter"] / 1e9
+    mb = n["grad_bytes_fp32"] / 1e6
+    print(f"paper preset (b=128, batch 128 per GPU): G {n['g_params'] / 1e6:.2f} M params, "
+          f"D {n['d_params'] / 1e6:.2f} M params")
+    print(f"  gradients all-reduced per iteration: {mb:.1f} MB in fp32 (DDP reduces in fp32 under autocast)")
+    print(f"  compute per iteration per GPU: {gflop:.0f} GFLOP (D step on real+fake, G step through D)")
+    for name, tflops, busbw in (("8 GPUs, NVLink (~150 GB/s bus bandwidth)", 150, 150e9),
+                                ("2 nodes x 8 GPUs, 200 Gb/s InfiniBand (~20 GB/s)", 150, 20e9)):
+        compute_ms = gflop / tflops   # GFLOP / (TFLOP/s) = ms, at a sustained rate of `tflops`
+        world = 8 if name.startswith("8") else 16
+        comm_ms = 2 * (world - 1) / world * n["grad_bytes_fp32"] / busbw * 1e3
+        print(f"  {name}: compute ~{compute_ms:.1f} ms/iter at {tflops} TFLOP/s bf16 sustained, "
+              f"ring all-reduce ~{comm_ms:.1f} ms/iter -> efficiency ~{min(1, compute_ms / max(compute_ms, comm_ms)):.0%} "
+              f"if overlapped, {compute_ms / (compute_ms + comm_ms):.0%} if not")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trainers", default="lstm,gan")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--paper", action="store_true", help="print the on-paper GPU/node numbers and exit")
+    args = parser.parse_args()
+    if args.paper:
+        print_paper_numbers()
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for trainer in args.trainers.split(","):
+            samples = {1: [], 2: []}
+            for r in range(args.rounds):
+                for procs in (1, 2):
+                    samples[procs].append(run_once(trainer, procs, Path(tmp), f"{trainer}-{procs}-{r}"))
+                    print(f"{trainer} round {r} procs {procs}: {samples[procs][-1]:.1f} samples/s", flush=True)
+            one, two = statistics.median(samples[1]), statistics.median(samples[2])
+            results[trainer] = {"1proc_samples_per_s": one, "2proc_samples_per_s": two, "ratio": two / one,
+                                "rounds": args.rounds}
+    print(f"\n| trainer | 1 process (samples/s) | 2 processes (samples/s) | ratio |\n|---|---|---|---|")
+    for trainer, r in results.items():
+        print(f"| {trainer} | {r['1proc_samples_per_s']:.0f} | {r['2proc_samples_per_s']:.0f} | {r['ratio']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
