@@ -1,0 +1,331 @@
+"""GAN evaluation and latent walks: SLERP, the metrics against independent oracles, the CLIs end to end."""
+import json
+import math
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+import torch
+from torch import nn
+from torchvision.transforms.functional import gaussian_blur
+
+import trainers.gan as gan
+import trainers.gan_eval as ge
+from conftest import assert_usage_error, run_script
+from data.mnist import load_mnist, to_unit_range
+from trainers.cli import UsageError, run_cli
+from trainers.tracking import read_offline_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads spin-wait and run slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- SLERP ------------------------------------------------------------------------------------
+
+def angle(a, b):
+    """The angle between two vectors, from the parts of b along and across a."""
+    along = (a @ b) / a.norm()
+    across = (b.norm() ** 2 - along ** 2).clamp_min(0).sqrt()
+    return torch.atan2(across, along)
+
+
+def test_slerp_hits_both_endpoints_and_moves_at_constant_angular_speed():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(100, generator=g, dtype=torch.float64), 3 * torch.randn(100, generator=g, dtype=torch.float64)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    path = ge.slerp(z1, z2, t)
+    assert torch.allclose(path[0], z1, atol=1e-12) and torch.allclose(path[-1], z2, atol=1e-12)
+    omega = angle(z1, z2)
+    for k in range(9):   # the angle to z1 grows linearly, t * omega, and so does the norm
+        assert math.isclose(float(angle(z1, path[k])), float(t[k] * omega), abs_tol=1e-9)
+        assert math.isclose(float(path[k].norm()), float((1 - t[k]) * z1.norm() + t[k] * z2.norm()), rel_tol=1e-9)
+    # the path stays in the plane of z1 and z2 (least squares residual ~ 0)
+    basis = torch.stack([z1, z2], 1)
+    coef = torch.linalg.lstsq(basis, path.T).solution
+    assert torch.allclose(basis @ coef, path.T, atol=1e-9)
+
+
+def test_slerp_keeps_the_norm_where_linear_cuts_the_corner():
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    z2 = z2 * z1.norm() / z2.norm()                               # same radius r
+    t = torch.linspace(0, 1, 9)
+    r = z1.norm()
+    assert torch.allclose(ge.slerp(z1, z2, t).norm(dim=1), r.expand(9), rtol=1e-5)
+    omega = angle(z1.double(), z2.double())
+    # the linear midpoint lies at r cos(omega / 2) from the origin
+    assert math.isclose(float(ge.lerp(z1, z2, t)[4].norm()), float(r * torch.cos(omega / 2)), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [2.0, -1.0, -0.5, 1.0])
+def test_parallel_and_antiparallel_inputs_fall_back_to_linear_without_nan(scale):
+    z1 = torch.randn(100, generator=torch.Generator().manual_seed(2))
+    z2 = scale * z1
+    t = torch.linspace(0, 1, 9)
+    path = ge.slerp(z1, z2, t)
+    assert torch.isfinite(path).all()
+    assert torch.allclose(path, ge.lerp(z1, z2, t))
+    nearly = ge.slerp(z1, z1 + 1e-4 * torch.randn(100, generator=torch.Generator().manual_seed(3)), t)
+    assert torch.isfinite(nearly).all()
+
+
+def test_pairs_parse_or_fail_with_one_line():
+    assert ge.parse_pairs("8-3,1-7, 0-6") == [(8, 3), (1, 7), (0, 6)]
+    for bad in ("83", "8-", "10-3", "a-b", "8-3-1", "8-3,"):
+        with pytest.raises(UsageError, match="--pairs"):
+            ge.parse_pairs(bad)
+
+
+# --- metrics against independent oracles --------------------------------------------------------
+
+def test_classifier_score_and_entropy_match_scipy():
+    logits = 3 * torch.randn(500, 10, generator=torch.Generator().manual_seed(4))
+    p = torch.softmax(logits.double(), 1).numpy()
+    marginal = p.mean(0)
+    expected = math.exp(np.mean([scipy.stats.entropy(row, marginal) for row in p]))
+    assert math.isclose(ge.classifier_score(torch.log_softmax(logits, 1)), expected, rel_tol=1e-5)
+    hist = ge.class_histogram(logits.argmax(1))
+    assert math.isclose(ge.histogram_entropy(hist), scipy.stats.entropy(hist.numpy()), rel_tol=1e-9)
+    # the two ends of the scale: confident and uniform over 10 classes -> 10; one class -> 1
+    confident = torch.log_softmax(40 * torch.eye(10).repeat(30, 1), 1)
+    assert math.isclose(ge.classifier_score(confident), 10.0, rel_tol=1e-6)
+    assert math.isclose(ge.classifier_score(confident[::10]), 1.0, rel_tol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return ge.scorer_for("cpu")
+
+
+@pytest.fixture(scope="module")
+def real_images():
+    images, labels = load_mnist("train")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(5))[:2000]
+    return to_unit_range(images[pick]), labels[pick]
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The Frechet distance written from the formula with scipy's sqrtm (the oracle)."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+# some penultimate ReLU units never fire, so the covariances are singular and sqrtm warns; the
+# result still matches to 1e-3
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_fid_orders_real_blurred_noise_and_agrees_with_scipy(scorer, real_images):
+    images, labels = real_images
+    blurred = gaussian_blur(images, kernel_size=7, sigma=2.0)
+    noise = torch.rand(2000, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    real_m, blur_m, noise_m = (scorer.score_images(x) for x in (images, blurred, noise))
+    assert real_m["fid"] < blur_m["fid"] < noise_m["fid"]
+    assert noise_m["fid"] > 10 * real_m["fid"]
+    # noise collapses onto few classes; real digits spread over all ten
+    assert noise_m["max_class_frac"] > 0.5 and noise_m["class_entropy"] < 1.0
+    assert real_m["min_class_frac"] > 0.07 and real_m["class_entropy"] > 2.28
+    assert real_m["classifier_score"] > 9.5 > blur_m["classifier_score"] and noise_m["classifier_score"] < 3
+    # torchmetrics' FID on our features == the formula with scipy's matrix square root
+    test_features, _ = scorer.features_and_log_probs(to_unit_range(load_mnist("test")[0]))
+    blur_features, _ = scorer.features_and_log_probs(blurred)
+    assert math.isclose(blur_m["fid"], scipy_fid(blur_features.numpy(), test_features.numpy()), rel_tol=1e-3)
+    # the histogram is of the classifier's labels, which are right on real digits
+    pred, _, _ = scorer.classify(images)
+    assert (pred == labels).float().mean() > 0.99
+
+
+def test_floor_is_ten_thousand_real_training_images(scorer):
+    floor = scorer.floor()
+    assert floor["n"] == 10_000 and 0 < floor["fid"] < 2 and floor["classifier_score"] > 9.5
+    assert abs(sum(floor["class_hist"]) - 1) < 1e-3
+
+
+# --- endpoints and walks with a generator whose images are known -----------------------------
+
+class BankGenerator(nn.Module):
+    """A stand-in generator: z picks one real MNIST test image (the first coordinate decides which)."""
+
+    latent_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        images, self.labels = load_mnist("test")
+        self.register_buffer("bank", to_unit_range(images[:3000]))
+        self.anchor = nn.Parameter(torch.zeros(()))   # gives the walk a device
+
+    def index(self, z):
+        return (z.flatten(1)[:, 0].double() * 1e4).floor().long() % len(self.bank)
+
+    def forward(self, z):
+        return self.bank[self.index(z)] + 0 * self.anchor
+
+
+def test_endpoints_are_the_most_confident_draws_of_each_digit(scorer, tmp_path):
+    g = BankGenerator()
+    ends = ge.find_endpoints(g, scorer, [8, 3, 1, 7], draws=1000)
+    for digit, (z, conf) in ends.items():
+        assert int(g.labels[g.index(z[None])]) == digit and conf > 0.9
+    walks, figures = ge.interpolate(g, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path, draws=1000)
+    for w in walks:
+        assert w.t == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+        assert w.predicted[0] == w.pair[0] and w.predicted[-1] == w.pair[1]
+        assert torch.equal(w.images[0], g(ends[w.pair[0]][0][None])[0])
+    assert sorted(p.name for p in figures.values()) == sorted(
+        ["interp_linear_8-3.png", "interp_slerp_8-3.png", "interp_linear_1-7.png", "interp_slerp_1-7.png",
+         "interp_linear_vs_slerp.png"])
+    assert all(mpimg.imread(p).shape[0] > 50 for p in figures.values())
+
+
+# --- the trainer hooks and the CLIs on a tiny checkpoint ----------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Four iterations of a 4-channel GAN, with the hooks' sample counts cut down (the floor stays 10,000)."""
+    out = tmp_path_factory.mktemp("gan")
+    cfg = gan.make_config("cpu-demo", base_channels=4, batch_size=16, train_subset=64, epochs=1, stages="0,1",
+                          wandb=False, progress=False, out_dir=str(out), run_name="tiny", num_threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("STAGE_SAMPLES", 300), ("FULL_SAMPLES", 1000), ("ENDPOINT_DRAWS", 200),
+                            ("DEFAULT_PAIRS", "8-3,4-9")):
+            mp.setattr(ge, name, value)
+        metrics = gan.train(cfg)
+    return cfg.run_dir, metrics
+
+
+def test_training_hooks_write_final_numbers_and_walk_figures(tiny_run):
+    run_dir, metrics = tiny_run
+    on_disk = json.loads((run_dir / "metrics.json").read_text())
+    final = on_disk["final"]
+    for key in ("fid", "fid_floor", "classifier_score", "classifier_score_floor", "class_entropy",
+                "min_class_frac", "max_class_frac", "class_frac_0", "class_frac_9_floor", "fid_over_floor"):
+        assert math.isfinite(final[key]), key
+    assert final["n"] == 1000 and final["n_floor"] == 10_000
+    assert math.isclose(sum(final[f"class_frac_{d}"] for d in range(10)), 1, abs_tol=1e-3)
+    assert final["fid"] > final["fid_floor"]     # four iterations of a 4-channel GAN are far from MNIST
+    assert "eval/fid" in on_disk["stages"]["0"] and "eval/classifier_score" in on_disk["stages"]["1"]
+    for name in ("interp_linear_8-3", "interp_slerp_4-9", "interp_linear_vs_slerp", "class_histogram"):
+        assert (run_dir / "figures" / f"{name}.png").is_file(), name
+
+
+def numbers(text: str) -> dict:
+    """metric name -> (generated, floor) from the printed report."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"(.+?)\s{2,}(-?[\d.]+)\s+(-?[\d.]+)$", line)
+        if m:
+            out[m.group(1).strip()] = (float(m.group(2)), float(m.group(3)))
+    return out
+
+
+def test_evaluate_prints_every_number_and_matches_evaluating_the_sampled_file(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    run_cli(gan.main, ["evaluate", "--checkpoint", str(run_dir), "--n", "400", "--out", str(tmp_path / "ckpt_eval")])
+    stdout = capsys.readouterr().out
+    printed = numbers(stdout)
+    saved = json.loads((tmp_path / "ckpt_eval" / "metrics.json").read_text())
+    assert (tmp_path / "ckpt_eval" / "class_histogram.png").is_file()
+    names = {"FID vs MNIST test (classifier features)": "fid", "classifier score exp(E KL)": "classifier_score",
+             "class-histogram entropy (nats, max 2.303)": "class_entropy",
+             "smallest class fraction": "min_class_frac", "largest class fraction": "max_class_frac"}
+    for label, key in names.items():
+        assert printed[label][0] == pytest.approx(saved["generated"][key], abs=2e-3), label
+        assert printed[label][1] == pytest.approx(saved["real_floor"][key], abs=2e-3), label
+    assert printed["images"] == (400, 10_000)
+    for label in ("generated", "real floor"):
+        assert len(re.findall(r"\d\.\d{3}", stdout.split(f"class fractions 0-9 ({label}):")[1].splitlines()[0])) == 10
+    # the same images through `sample --out x.pt` and `evaluate --images x.pt` give the same numbers
+    pt = tmp_path / "samples.pt"
+    run_cli(gan.main, ["sample", "--checkpoint", str(run_dir), "--n", "400", "--out", str(pt)])
+    from_file = ge.evaluate_main(["--images", str(pt)])
+    assert (tmp_path / "samples_eval" / "metrics.json").is_file()
+    for key in names.values():
+        assert from_file["generated"][key] == pytest.approx(saved["generated"][key], rel=1e-4, abs=1e-6)
+
+
+def test_interpolate_writes_every_figure_and_logs_images_and_table_to_wandb(tiny_run, tmp_path, capsys,
+                                                                          no_wandb_env):
+    run_dir, _ = tiny_run
+    out = tmp_path / "walks"
+    run_cli(gan.main, ["interpolate", "--checkpoint", str(run_dir), "--pairs", "8-3,1-7", "--steps", "5",
+                       "--mode", "both", "--draws", "256", "--out", str(out), "--wandb"])
+    stdout = capsys.readouterr().out
+    expected = ["interp_linear_8-3", "interp_slerp_8-3", "interp_linear_1-7", "interp_slerp_1-7",
+                "interp_linear_vs_slerp"]
+    for name in expected:
+        assert mpimg.imread(out / f"{name}.png").shape[1] > 100, name
+    walk_lines = [line for line in stdout.splitlines() if re.match(r"(linear|slerp)\s+\d->\d", line)]
+    assert len(walk_lines) == 4 and all(len(re.findall(r"\d:[01]\.\d\d", line)) == 5 for line in walk_lines)
+    run_files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    logged = {k: v for row in read_offline_run(run_files[0])["history"] for k, v in row.items()}
+    for name in expected:
+        assert logged[f"interp/{name[len('interp_'):]}/_type"] == "image-file", name
+    assert logged["interp/walks/_type"] == "table-file" and int(logged["interp/walks/nrows"]) == 20
+    table = json.loads((run_files[0].parent / "files" / logged["interp/walks/path"]).read_text())
+    assert table["columns"][:5] == ["pair", "mode", "t", "predicted_class", "confidence"]
+    assert sorted({r[2] for r in table["data"]}) == [0, 0.25, 0.5, 0.75, 1]
+    assert sorted({(r[0], r[1]) for r in table["data"]}) == [("1-7", "linear"), ("1-7", "slerp"),
+                                                            ("8-3", "linear"), ("8-3", "slerp")]
+
+
+def test_single_mode_writes_no_comparison(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    ge.interpolate_main(["--checkpoint", str(run_dir), "--pairs", "0-6", "--steps", "3", "--mode", "slerp",
+                         "--draws", "64", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["interp_slerp_0-6.png"]
+    assert re.search(r"slerp\s+0->6(\s+\d:[01]\.\d\d){3}", capsys.readouterr().out)
+
+
+# --- bad input: exit 2, one line, no traceback -------------------------------------------------
+
+def test_missing_checkpoint_is_one_line_exit_2():
+    assert_usage_error(run_script(["trainers/gan.py", "interpolate", "--checkpoint", "no/such/run"]),
+                       "no/such/run")
+
+
+def usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(gan.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["interpolate", "--pairs", "8-3,17"], "--pairs"),
+    (["interpolate", "--steps", "1"], "--steps"),
+    (["interpolate", "--mode", "cubic"], "--mode"),
+    (["evaluate", "--checkpoint", "no/such/run"], "no/such/run"),
+    (["evaluate"], "exactly one of"),
+])
+def test_bad_interpolate_and_evaluate_flags(tiny_run, capsys, argv, needle):
+    run_dir, _ = tiny_run
+    if argv[0] == "interpolate":
+        argv = [*argv, "--checkpoint", str(run_dir)]
+    assert needle in usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize("content", ["wrong_shape", "grey_uint8", "out_of_range", "not_a_tensor_file", "missing"])
+def test_bad_images_file(tmp_path, capsys, content):
+    path = tmp_path / "images.pt"
+    if content == "wrong_shape":
+        torch.save(torch.zeros(10, 28, 28), path)
+    elif content == "grey_uint8":
+        torch.save(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), path)
+    elif content == "out_of_range":
+        torch.save(torch.full((10, 1, 28, 28), 3.0), path)
+    elif content == "not_a_tensor_file":
+        path.write_text("hello")
+    err = usage_error(capsys, ["evaluate", "--images", str(path)])
+    assert str(path) in err
+    assert not (tmp_path / "images_eval").exists()   # nothing written for bad input

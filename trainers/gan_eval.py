@@ -1,0 +1,533 @@
+"""Offline GAN evaluation with the shipped MNIST classifier, and latent walks between digits.
+
+    python trainers/gan.py evaluate --checkpoint runs/<run>            # 10,000 samples vs the floor
+    python trainers/gan.py evaluate --images samples.pt                # an N x 1 x 28 x 28 tensor in [-1, 1]
+    python trainers/gan.py interpolate --checkpoint runs/<run> --pairs 8-3,1-7,0-6,4-9 --steps 9 --mode both
+    python trainers/gan.py evaluate --help
+
+Metrics, all from ``models/mnist_cnn.py`` with the committed weights (checksum checked):
+- FID: the Frechet distance between Gaussians fitted to the classifier's 128-d penultimate
+  features of the images and of the 10,000 MNIST test images. The classifier runs once per
+  image; its features feed torchmetrics' ``FrechetInceptionDistance`` (through an identity
+  feature module) and its head gives p(y|x), so nothing is computed twice.
+- classifier score: exp(E_x[KL(p(y|x) || p(y))]), the Inception Score with this classifier
+  (1 = useless, 10 = every image confidently one digit and the digits uniform).
+- the histogram of predicted classes, its entropy (nats; uniform = ln 10 = 2.303) and its
+  smallest and largest class fractions (mode collapse shows here).
+Each is reported beside the same number for 10,000 real MNIST training images: the floor.
+
+The trainer calls ``stage_metrics(generator, device)`` at each stage (2,000 samples, seconds
+on a CPU) and ``end_of_training(generator, run_dir, tracker)`` once (10,000 samples plus the
+interpolation figures).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data.mnist import load_mnist, to_unit_range
+from models.mnist_cnn import FEATURE_DIM, NUM_CLASSES
+from trainers.checkpoint import write_json_atomic
+from trainers.cli import UsageError, arg, parse_config, require_at_least, validate_field_choices
+from trainers.figures import plt, save_figure
+from trainers.runtime import generator_for
+
+STAGE_SAMPLES = 2_000       # images per stage_metrics call: ~seconds on a 2-core CPU
+FULL_SAMPLES = 10_000       # images for the final numbers, as many as the floor uses
+FLOOR_SAMPLES = 10_000      # real MNIST training images that give the floor
+FLOOR_STREAM = 5_555        # seed key of the floor's random subset of the training set
+ENDPOINT_STREAM = 4_242     # seed key of the latents searched for interpolation endpoints
+ENDPOINT_DRAWS = 4_096      # latents searched for each interpolation endpoint
+BATCH = 500                 # images per generator / classifier call
+DEFAULT_PAIRS = "8-3,1-7,0-6,4-9"   # the report's walks
+MODES = ("linear", "slerp", "both")
+GOAL = {"fid_over_floor": 5.0, "classifier_score": 8.8, "class_frac": (0.05, 0.15)}  # the issue's bar
+
+
+# --- the scorer: classifier + FID statistics of the MNIST test set ---------------------------
+
+class FeatureInput(nn.Module):
+    """FID's feature module: the classifier's penultimate features are computed once outside and
+    passed in, so this is the identity; ``num_features`` sizes torchmetrics' statistics."""
+
+    num_features = FEATURE_DIM
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+class Scorer:
+    """The shipped classifier and the FID statistics of the 10,000 MNIST test images."""
+
+    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from trainers.classifier import load_classifier
+
+        self.device = torch.device(device)
+        self.classifier = load_classifier(weights, self.device)
+        self.fid = FrechetInceptionDistance(feature=FeatureInput(), reset_real_features=False)
+        test_images, _ = load_mnist("test")
+        test_features, _ = self.features_and_log_probs(to_unit_range(test_images))
+        self.fid.update(test_features, real=True)
+        self._floor_cache: tuple[Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def features_and_log_probs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, 1, 28, 28)`` in [-1, 1] -> features ``(N, 128)`` (float64, CPU) and log p(y|x) ``(N, 10)``."""
+        feats, logps = [], []
+        for i in range(0, len(images), BATCH):
+            f = self.classifier.features(images[i:i + BATCH].to(self.device).float())   # (b, 128)
+            feats.append(f.double().cpu())
+            logps.append(F.log_softmax(self.classifier.head(f).float(), dim=1).cpu())  # (b, 10)
+        return torch.cat(feats), torch.cat(logps)
+
+    def metrics(self, features: Tensor, log_probs: Tensor) -> dict:
+        """FID against the test set, classifier score and class histogram of one image set."""
+        self.fid.reset()                                  # keeps the real (test-set) statistics
+        self.fid.update(features, real=False)
+        hist = class_histogram(log_probs.argmax(1))
+        return {"n": len(features), "fid": float(self.fid.compute()),
+                "classifier_score": classifier_score(log_probs), "class_entropy": histogram_entropy(hist),
+                "min_class_frac": float(hist.min()), "max_class_frac": float(hist.max()),
+                "class_hist": [round(float(h), 4) for h in hist]}
+
+    def score_images(self, images: Tensor) -> dict:
+        return self.metrics(*self.features_and_log_probs(images))
+
+    def floor(self, n: int = FLOOR_SAMPLES) -> dict:
+        """The same metrics for ``n`` real MNIST training images (a fixed random subset)."""
+        if self._floor_cache is None:
+            train_images, _ = load_mnist("train")
+            pick = torch.randperm(len(train_images), generator=generator_for(FLOOR_STREAM))[:FLOOR_SAMPLES]
+            self._floor_cache = self.features_and_log_probs(to_unit_range(train_images[pick]))
+        features, log_probs = self._floor_cache
+        return self.metrics(features[:n], log_probs[:n])
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Predicted class, its confidence and the full p(y|x) ``(N, 10)``."""
+        _, log_probs = self.features_and_log_probs(images)
+        probs = log_probs.exp()
+        conf, pred = probs.max(1)
+        return pred, conf, probs
+
+
+@lru_cache(maxsize=2)
+def scorer_for(device: str = "cpu") -> Scorer:
+    """One Scorer per device and process: the test-set statistics are computed once."""
+    return Scorer(device)
+
+
+def classifier_score(log_probs: Tensor) -> float:
+    """exp(E_x[KL(p(y|x) || p(y))]) with p(y) = E_x[p(y|x)]; ``log_probs`` is ``(N, 10)``."""
+    log_probs = log_probs.double()
+    log_marginal = torch.logsumexp(log_probs, dim=0) - math.log(len(log_probs))       # (10,)
+    kl = (log_probs.exp() * (log_probs - log_marginal)).sum(dim=1)                      # (N,)
+    return float(kl.mean().exp())
+
+
+def class_histogram(predictions: Tensor) -> Tensor:
+    """Fraction of the images predicted as each digit, ``(10,)``."""
+    return torch.bincount(predictions, minlength=NUM_CLASSES).double() / len(predictions)
+
+
+def histogram_entropy(fractions: Tensor) -> float:
+    """Entropy in nats of a class histogram (0 for a single class, ln 10 for uniform)."""
+    p = fractions[fractions > 0]
+    return float(-(p * p.log()).sum())
+
+
+def goal_check(generated: dict, floor: dict) -> dict:
+    """The issue's bar for the default CPU run, each part with the number it was judged on."""
+    low, high = GOAL["class_frac"]
+    ratio = generated["fid"] / floor["fid"]
+    return {"fid_over_floor": round(ratio, 2), "fid_ok": ratio <= GOAL["fid_over_floor"],
+            "score_ok": generated["classifier_score"] >= GOAL["classifier_score"],
+            "classes_ok": low <= generated["min_class_frac"] and generated["max_class_frac"] <= high}
+
+
+# --- the generator side ---------------------------------------------------------------------
+
+def unwrap(generator: nn.Module) -> nn.Module:
+    return getattr(generator, "module", generator)   # DDP / accelerate wrappers
+
+
+def latent_dim_of(generator: nn.Module) -> int:
+    """``generator.latent_dim`` if set, else the input width of its first layer."""
+    g = unwrap(generator)
+    if isinstance(getattr(g, "latent_dim", None), int):
+        return g.latent_dim
+    for m in g.modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    raise ValueError("cannot tell the generator's latent size")
+
+
+def latents(n: int, dim: int, *keys: int) -> Tensor:
+    """``(n, dim)`` standard normal latents, a pure function of ``keys``."""
+    return torch.randn(n, dim, generator=generator_for(*keys))
+
+
+@torch.no_grad()
+def decode(generator: nn.Module, z: Tensor) -> Tensor:
+    """Images ``(N, 1, 28, 28)`` on the CPU for latents ``z`` ``(N, d)``, in eval mode, batched."""
+    g = unwrap(generator)
+    was_training = g.training
+    g.eval()
+    device = next(g.parameters()).device
+    try:
+        out = [g(z[i:i + BATCH].to(device)[:, :, None, None]).float().cpu() for i in range(0, len(z), BATCH)]
+    finally:
+        g.train(was_training)
+    return torch.cat(out)
+
+
+def sample(generator: nn.Module, n: int, seed: int = 0) -> Tensor:
+    """The same ``n`` images as ``trainers/gan.py sample --n n --seed seed`` writes."""
+    from trainers.gan import generate
+    return generate(unwrap(generator), n, seed)
+
+
+def score_generator(generator: nn.Module, scorer: Scorer, n: int, seed: int = 0) -> dict:
+    return scorer.score_images(sample(generator, n, seed))
+
+
+def stage_metrics(generator: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Cheap metrics for one training stage: 2,000 samples, with the FID floor at the same n
+    (FID is biased upwards at small n, so the ratio is the number to compare across n)."""
+    scorer = scorer_for(str(device))
+    m = score_generator(generator, scorer, STAGE_SAMPLES)
+    floor_fid = scorer.floor(STAGE_SAMPLES)["fid"]
+    return {"eval/fid": m["fid"], "eval/fid_over_floor": m["fid"] / floor_fid,
+            "eval/classifier_score": m["classifier_score"], "eval/class_entropy": m["class_entropy"],
+            "eval/min_class_frac": m["min_class_frac"], "eval/max_class_frac": m["max_class_frac"]}
+
+
+# --- latent walks ---------------------------------------------------------------------------
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """``"8-3,1-7"`` -> ``[(8, 3), (1, 7)]``; anything else is a UsageError."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().split("-")
+        if len(parts) != 2 or not all(len(p) == 1 and p.isdigit() for p in parts):
+            raise UsageError(f"--pairs: {item.strip()!r} is not two digits joined by '-' (e.g. 8-3,1-7)")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+def lerp(z1: Tensor, z2: Tensor, t: Tensor) -> Tensor:
+    """``(d,)``, ``(d,)``, ``(T,)`` -> ``(T, d)``: z1 + t (z2 - z1)."""
+    t = t[:, None].to(z1.dtype)
+    return (1 - t) * z1 + t * z2
+
+
+def slerp(z1: Tensor, z2: Tensor, t: Tensor, eps: float = 1e-6) -> Tensor:
+    """Spherical interpolation ``(T, d)``: the direction turns at constant angular speed along the
+    great circle from z1 to z2, and the norm goes linearly from |z1| to |z2|:
+
+        u(t) = sin((1-t) w) / sin w * u1 + sin(t w) / sin w * u2,   u_i = z_i / |z_i|, w = angle(u1, u2)
+        z(t) = ((1-t) |z1| + t |z2|) u(t)
+
+    (with |z1| = |z2| this is the usual formula applied to z1 and z2). For (anti-)parallel
+    vectors sin w = 0 and the great circle is undefined: fall back to lerp. The angle comes from
+    ``2 atan2(|u1 - u2|, |u1 + u2|)``, accurate near 0 and near pi (``acos`` of the dot product is not).
+    """
+    a, b = z1.double(), z2.double()
+    r1, r2 = a.norm(), b.norm()
+    u1, u2 = a / r1, b / r2
+    omega = 2 * torch.atan2((u1 - u2).norm(), (u1 + u2).norm())
+    if not torch.isfinite(omega) or torch.sin(omega) < eps:
+        return lerp(z1, z2, t)
+    t = t.double()[:, None]                                                      # (T, 1)
+    direction = (torch.sin((1 - t) * omega) * u1 + torch.sin(t * omega) * u2) / torch.sin(omega)   # (T, d)
+    return (((1 - t) * r1 + t * r2) * direction).to(z1.dtype)
+
+
+def find_endpoints(generator: nn.Module, scorer: Scorer, digits: Sequence[int], draws: int | None = None,
+                   seed: int = 0) -> dict[int, tuple[Tensor, float]]:
+    """For each digit, the latent (of ``draws`` seeded ones, default ENDPOINT_DRAWS) whose image
+    the classifier gives that digit with the highest probability, and that probability."""
+    draws = draws or ENDPOINT_DRAWS
+    z = latents(draws, latent_dim_of(generator), ENDPOINT_STREAM, seed)
+    _, _, probs = scorer.classify(decode(generator, z))
+    best = {}
+    for d in sorted(set(digits)):
+        k = int(probs[:, d].argmax())
+        best[d] = (z[k], float(probs[k, d]))
+    return best
+
+
+@dataclass
+class Walk:
+    pair: tuple[int, int]
+    mode: str                 # linear or slerp
+    t: list[float]
+    images: Tensor            # (T, 1, 28, 28)
+    predicted: list[int]
+    confidence: list[float]
+    latent_norm: list[float]
+
+
+def walk(generator: nn.Module, scorer: Scorer, pair: tuple[int, int], ends: dict, steps: int, mode: str) -> Walk:
+    t = torch.linspace(0, 1, steps)                      # 0, 1/(steps-1), ..., 1
+    z = (slerp if mode == "slerp" else lerp)(ends[pair[0]][0], ends[pair[1]][0], t)   # (T, d)
+    images = decode(generator, z)
+    pred, conf, _ = scorer.classify(images)
+    return Walk(pair, mode, t.tolist(), images, pred.tolist(), conf.tolist(), z.norm(dim=1).tolist())
+
+
+def _show_frames(axes, w: Walk, label_norm: bool) -> None:
+    for ax, img, p, c, t, r in zip(axes, w.images, w.predicted, w.confidence, w.t, w.latent_norm):
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=-1, vmax=1)
+        ax.set_title(f"{p} ({c:.2f})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"t={t:.3g}" + (f"\n|z|={r:.1f}" if label_norm else ""), fontsize=7)
+
+
+def plot_strip(w: Walk, path: Path) -> Path:
+    """One pair's walk: the frames, with predicted digit and confidence over each."""
+    fig, axes = plt.subplots(1, len(w.t), figsize=(1.2 * len(w.t), 1.9), squeeze=False)
+    _show_frames(axes[0], w, label_norm=False)
+    fig.suptitle(f"{w.mode} walk {w.pair[0]} -> {w.pair[1]} (classifier label and confidence)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_comparison(walks: list[Walk], path: Path) -> Path:
+    """Linear over SLERP for every pair, with |z| under each frame."""
+    pairs = sorted({w.pair for w in walks}, key=[w.pair for w in walks].index)
+    rows = [w for p in pairs for m in ("linear", "slerp") for w in walks if w.pair == p and w.mode == m]
+    T = len(rows[0].t)
+    fig, axes = plt.subplots(len(rows), T, figsize=(1.2 * T, 1.75 * len(rows)), squeeze=False)
+    for ax_row, w in zip(axes, rows):
+        _show_frames(ax_row, w, label_norm=True)
+        ax_row[0].set_ylabel(f"{w.pair[0]}->{w.pair[1]}\n{w.mode}", fontsize=9)
+    fig.suptitle("linear vs SLERP latent walks (label and confidence above, |z| below each frame)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def interpolate(generator: nn.Module, scorer: Scorer, pairs: list[tuple[int, int]], steps: int, mode: str,
+                out_dir: Path, draws: int | None = None, seed: int = 0) -> tuple[list[Walk], dict[str, Path]]:
+    """Every walk and its figures: ``interp_<mode>_<a>-<b>.png`` and, for ``both``,
+    ``interp_linear_vs_slerp.png``. Returns the walks and ``{tracker key: png path}``."""
+    ends = find_endpoints(generator, scorer, [d for p in pairs for d in p], draws, seed)
+    modes = ("linear", "slerp") if mode == "both" else (mode,)
+    walks = [walk(generator, scorer, p, ends, steps, m) for p in pairs for m in modes]
+    figures = {f"interp/{w.mode}_{w.pair[0]}-{w.pair[1]}":
+               plot_strip(w, out_dir / f"interp_{w.mode}_{w.pair[0]}-{w.pair[1]}.png") for w in walks}
+    if mode == "both":
+        figures["interp/linear_vs_slerp"] = plot_comparison(walks, out_dir / "interp_linear_vs_slerp.png")
+    return walks, figures
+
+
+TABLE_COLUMNS = ("pair", "mode", "t", "predicted_class", "confidence", "latent_norm")
+
+
+def walk_rows(walks: list[Walk]) -> list[list]:
+    return [[f"{w.pair[0]}-{w.pair[1]}", w.mode, round(t, 4), p, round(c, 4), round(r, 3)]
+            for w in walks for t, p, c, r in zip(w.t, w.predicted, w.confidence, w.latent_norm)]
+
+
+def print_walks(walks: list[Walk]) -> None:
+    for w in walks:
+        frames = "  ".join(f"{p}:{c:.2f}" for p, c in zip(w.predicted, w.confidence))
+        print(f"{w.mode:6s} {w.pair[0]}->{w.pair[1]}  {frames}")
+
+
+# --- reports --------------------------------------------------------------------------------
+
+def plot_class_histogram(generated: dict, floor: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = torch.arange(NUM_CLASSES).numpy()
+    ax.bar(x - 0.2, generated["class_hist"], 0.4, label=f"generated (n={generated['n']})")
+    ax.bar(x + 0.2, floor["class_hist"], 0.4, label=f"real MNIST train (n={floor['n']})")
+    low, high = GOAL["class_frac"]
+    ax.axhline(low, color="gray", ls="--", lw=0.8)
+    ax.axhline(high, color="gray", ls="--", lw=0.8, label=f"goal band {low:.0%}-{high:.0%}")
+    ax.set(xticks=x, xlabel="predicted digit", ylabel="fraction of images",
+           title="class histogram by the evaluation classifier")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def format_report(generated: dict, floor: dict) -> str:
+    rows = [("FID vs MNIST test (classifier features)", "fid", "{:.3f}"),
+            ("classifier score exp(E KL)", "classifier_score", "{:.3f}"),
+            ("class-histogram entropy (nats, max 2.303)", "class_entropy", "{:.4f}"),
+            ("smallest class fraction", "min_class_frac", "{:.4f}"),
+            ("largest class fraction", "max_class_frac", "{:.4f}")]
+    lines = [f"{'metric':44s}{'generated':>12s}{'real floor':>12s}",
+             f"{'images':44s}{generated['n']:>12d}{floor['n']:>12d}"]
+    lines += [f"{name:44s}{fmt.format(generated[k]):>12s}{fmt.format(floor[k]):>12s}" for name, k, fmt in rows]
+    for label, m in (("generated", generated), ("real floor", floor)):
+        lines.append(f"class fractions 0-9 ({label}): " + " ".join(f"{h:.3f}" for h in m["class_hist"]))
+    return "\n".join(lines)
+
+
+def full_metrics(generator: nn.Module, scorer: Scorer, n: int | None = None, seed: int = 0) -> dict:
+    generated = score_generator(generator, scorer, n or FULL_SAMPLES, seed)
+    floor = scorer.floor()
+    return {"generated": generated, "real_floor": floor, "goal": goal_check(generated, floor)}
+
+
+def end_of_training(generator: nn.Module, run_dir: Path, tracker, step: int | None = None,
+                    pairs: str | None = None, steps: int = 9) -> dict:
+    """Final metrics (10,000 samples beside the floor) and the interpolation figures under
+    ``run_dir/figures``; images and a table go to ``tracker``. Returns ``flat_metrics`` for metrics.json."""
+    device = next(unwrap(generator).parameters()).device
+    scorer = scorer_for(str(device))
+    result = full_metrics(generator, scorer)
+    pairs = pairs or DEFAULT_PAIRS
+    figures_dir = Path(run_dir) / "figures"
+    walks, figures = interpolate(generator, scorer, parse_pairs(pairs), steps, "both", figures_dir)
+    figures["eval/class_histogram"] = plot_class_histogram(result["generated"], result["real_floor"],
+                                                           figures_dir / "class_histogram.png")
+    tracker.log_images(figures, step=step)
+    tracker.log_table("interp/walks", TABLE_COLUMNS, walk_rows(walks), step=step)
+    final = flat_metrics(result)
+    tracker.log({f"final/{k}": v for k, v in final.items()}, step=step)
+    print(format_report(result["generated"], result["real_floor"]))
+    return final
+
+
+def flat_metrics(result: dict) -> dict[str, float]:
+    """``{name: float}`` for metrics.json and the tracker: each number beside its real-data floor."""
+    g, f, goal = result["generated"], result["real_floor"], result["goal"]
+    out = {"n": float(g["n"]), "n_floor": float(f["n"])}
+    for key in ("fid", "classifier_score", "class_entropy", "min_class_frac", "max_class_frac"):
+        out[key], out[f"{key}_floor"] = g[key], f[key]
+    out["fid_over_floor"] = goal["fid_over_floor"]
+    for d in range(NUM_CLASSES):
+        out[f"class_frac_{d}"], out[f"class_frac_{d}_floor"] = g["class_hist"][d], f["class_hist"][d]
+    out.update({k: float(goal[k]) for k in ("fid_ok", "score_ok", "classes_ok")})
+    return out
+
+
+# --- CLIs (dispatched by trainers/gan.py) ---------------------------------------------------
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = arg("", "run folder or checkpoint to sample from (or use --images)", "input")
+    images: str = arg("", ".pt file holding an N x 1 x 28 x 28 float tensor in [-1, 1] (or use --checkpoint)", "input")
+    n: int = arg(FULL_SAMPLES, "images sampled from --checkpoint (the floor uses 10,000)", "evaluation")
+    seed: int = arg(0, "seed of the sampled latents", "evaluation")
+    out: str = arg("", "folder for metrics.json and class_histogram.png (default: <run>/eval or "
+                       "<images stem>_eval beside the file)", "output")
+
+    def validate(self) -> None:
+        if bool(self.checkpoint) == bool(self.images):
+            raise UsageError("pass exactly one of --checkpoint DIR or --images FILE.pt")
+        require_at_least(self.n, 2, "n")
+
+
+@dataclass
+class InterpolateConfig:
+    checkpoint: str = arg("", "run folder or checkpoint of the generator (required)", "input")
+    pairs: str = arg(DEFAULT_PAIRS, "digit pairs to walk between, as a-b,c-d", "interpolation")
+    steps: int = arg(9, "frames per walk, t = 0, 1/(steps-1), ..., 1", "interpolation")
+    mode: str = arg("both", "latent path: straight line, great circle, or both", "interpolation", MODES)
+    draws: int = arg(ENDPOINT_DRAWS, "latents searched for each endpoint digit", "interpolation")
+    seed: int = arg(0, "seed of the searched latents", "interpolation")
+    out: str = arg("", "folder for the figures (default: <run>/eval)", "output")
+    wandb: bool = arg(False, "also log the figures and a table to wandb (offline without an API key)", "logging")
+    wandb_project: str = arg("palgan", "wandb project", "logging")
+
+    def validate(self) -> None:
+        validate_field_choices(self)
+        if not self.checkpoint:
+            raise UsageError("--checkpoint DIR is required (a run folder or one of its checkpoints/step_* folders)")
+        parse_pairs(self.pairs)
+        require_at_least(self.steps, 2, "steps")
+        require_at_least(self.draws, 1, "draws")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_generator(checkpoint: str) -> tuple[nn.Module, Path]:
+    """The checkpoint's generator (eval mode, on the device) and the run folder it belongs to."""
+    from trainers.checkpoint import resolve_checkpoint
+    from trainers.gan import load_generator
+
+    ckpt = resolve_checkpoint(Path(checkpoint))
+    generator, _ = load_generator(ckpt)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return generator.to(_device()).eval(), run_dir
+
+
+def load_images(path: str) -> Tensor:
+    """An ``N x 1 x 28 x 28`` finite float tensor in [-1, 1] from a .pt file, else a UsageError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--images {p} does not exist; write one with `python trainers/gan.py sample "
+                         "--checkpoint DIR --n 10000 --out FILE.pt`")
+    try:
+        images = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, pickled objects
+        raise UsageError(f"--images {p} is not a readable tensor file ({err.__class__.__name__})") from None
+    if not isinstance(images, Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (1, 28, 28) \
+            or len(images) < 2:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise UsageError(f"--images {p} holds {shape}; expected a tensor of shape N x 1 x 28 x 28 with N >= 2")
+    if not images.is_floating_point() or not torch.isfinite(images).all() or images.abs().max() > 1.0 + 1e-4:
+        raise UsageError(f"--images {p} must hold finite float values in [-1, 1] (the generator's tanh range)")
+    return images.float()
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> dict:
+    cfg = parse_config(EvaluateConfig, argv, description="Score generated digits with the shipped classifier "
+                       "(FID, classifier score, class histogram) beside real MNIST.", prog="trainers/gan.py evaluate")
+    if cfg.images:
+        images = load_images(cfg.images)
+        out = Path(cfg.out) if cfg.out else Path(cfg.images).with_name(Path(cfg.images).stem + "_eval")
+        source = str(Path(cfg.images).resolve())
+    else:
+        generator, run_dir = _load_generator(cfg.checkpoint)
+        images = sample(generator, cfg.n, cfg.seed)
+        out = Path(cfg.out) if cfg.out else run_dir / "eval"
+        source = str(Path(cfg.checkpoint).resolve())
+    scorer = scorer_for(str(_device()))
+    generated, floor = scorer.score_images(images), scorer.floor()
+    result = {"source": source, "generated": generated, "real_floor": floor, "goal": goal_check(generated, floor),
+              "config": asdict(cfg)}
+    write_json_atomic(out / "metrics.json", result)
+    plot_class_histogram(generated, floor, out / "class_histogram.png")
+    print(format_report(generated, floor))
+    print(f"FID / floor {result['goal']['fid_over_floor']:.2f} -> {out}/metrics.json, {out}/class_histogram.png")
+    return result
+
+
+def interpolate_main(argv: Sequence[str] | None = None) -> list[Walk]:
+    cfg = parse_config(InterpolateConfig, argv, description="Latent walks between digit pairs, linear and SLERP, "
+                       "labelled by the shipped classifier.", prog="trainers/gan.py interpolate")
+    generator, run_dir = _load_generator(cfg.checkpoint)
+    out = Path(cfg.out) if cfg.out else run_dir / "eval"
+    walks, figures = interpolate(generator, scorer_for(str(_device())), parse_pairs(cfg.pairs), cfg.steps, cfg.mode, out,
+                                 cfg.draws, cfg.seed)
+    print_walks(walks)
+    if cfg.wandb:
+        from trainers.runtime import make_accelerator
+        from trainers.tracking import start_tracker
+        accelerator = make_accelerator("no", True, out)
+        tracker = start_tracker(accelerator, cfg.wandb_project, f"interpolate-{run_dir.name}", asdict(cfg), out)
+        tracker.log_images(figures, step=0)
+        tracker.log_table("interp/walks", TABLE_COLUMNS, walk_rows(walks), step=0)
+        tracker.finish()
+    print("wrote " + ", ".join(str(p) for p in figures.values()))
+    return walks
