@@ -13,14 +13,20 @@ The four gates' weights are stored side by side, ``W_x: (D, 4H)`` and ``W_h: (H,
 order g, i, f, o, so one step is one matmul; ``gate_weights()`` gives them back one by one in
 the report's orientation (``x @ W_gx`` with ``W_gx: (D, H)``).
 
-Backends: ``"script"`` (default) runs the time loop as a TorchScript function; ``"eager"``
-is the same loop in plain Python, the reference.
+Backends:
+- ``"script"`` (default): the fused layer. ``LSTMFunction`` is a ``torch.autograd.Function``
+  whose forward and backward (back-propagation through time written out by hand) are
+  TorchScript functions: all the input projections in one matmul, then per step one matmul
+  and one pointwise block; backward forms the four gates' gradients per step and dh with one
+  matmul, then every weight gradient with one matmul after the loop.
+- ``"eager"``: the plain Python loop with autograd, the reference.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Tuple
+import weakref
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,9 +50,196 @@ def script(fn):
         return torch.jit.script(fn)
 
 
+def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:
+    """The dtype the recurrence runs in: autocast's (bf16/fp16) when it is on, else the weights'.
+
+    The fused layer does its own casting (autocast does not reach inside an autograd.Function
+    run with autocast off), so every matmul and pointwise op sees one dtype.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return param.dtype
+
+
+# --- the fused layer ---------------------------------------------------------------------------
+
+class Workspace:
+    """Reusable buffers for the fused layers, handed out per call and given back after backward.
+
+    Why: on this kind of machine a fresh multi-MB tensor costs a page fault per 4 KiB on first
+    touch, which measured as the largest single cost of a training step (more than the matmuls).
+    A buffer comes back to the pool only when the layer is done with it (end of backward, or end
+    of a no-grad forward); buffers of a graph that is never back-propagated are simply freed.
+    """
+
+    def __init__(self, max_keys: int = 8):
+        self.free: dict[tuple, list[Tensor]] = {}
+        self.max_keys = max_keys   # distinct (shape, dtype, device) kept, most recent first
+
+    def take(self, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        key = (tuple(shape), like.dtype, like.device)
+        stack = self.free.get(key)
+        if stack:
+            return stack.pop()
+        return like.new_empty(shape)
+
+    def give(self, *buffers: Tensor) -> None:
+        for buf in buffers:
+            key = (tuple(buf.shape), buf.dtype, buf.device)
+            self.free.setdefault(key, []).append(buf)
+            self.free[key] = self.free.pop(key)[-2:]          # keep two per key, move it to the end
+        while len(self.free) > self.max_keys:
+            self.free.pop(next(iter(self.free)))
+
+
+WORKSPACE = Workspace()
+
+
+@script
+def lstm_forward(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, xh: Tensor, acts: Tensor, c: Tensor,
+                 tanh_c: Tensor, dz_dc: Tensor, dc_dh: Tensor, need_grad: bool) -> None:
+    """Equations 1-6 over time, time-major, written into the given buffers. ``x: (L, B, D)``.
+
+    ``xh (L+1, B, D+H)`` holds ``[x_t | h_{t-1}]`` for each step, so that the input and the
+    recurrent projection of a step are one matmul against ``[W_x; W_h]`` (on this CPU a
+    separate all-steps input projection with D=10 cost as much as five recurrent matmuls);
+    h_t is written straight into the next row, and ``xh[L, :, D:]`` is h_L.
+    Fills ``acts (L, B, 4H)`` = [g, i, f, o], ``c (L+1, B, H)`` (zero initial state at index 0)
+    and ``tanh_c (L, B, H)``. With ``need_grad`` it also stores, while each step's values are
+    hot in cache, the local derivatives the backward needs: ``dz_dc (L, B, 4, H)`` (of the
+    pre-activations z_g, z_i, z_f w.r.t. c_t, and of z_o w.r.t. h_t) and ``dc_dh (L, B, H)``.
+
+    tanh is computed as ``2 sigma(2z) - 1``: one sigmoid over the four gates, and a sigmoid for
+    tanh(c), cost less on CPU than torch.tanh (measured on the dev machine).
+    """
+    L, B, D = x.shape
+    H = W_h.shape[0]
+    two = torch.ones(4 * H, dtype=x.dtype, device=x.device)
+    two[:H] = 2.0                                            # doubles the g columns: sigma(2 z_g)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    # [W_x; W_h] enters as the transpose of a contiguous (4H, D+H) matrix, as in F.linear,
+    # which MKL runs faster for these shapes than the plain layout.
+    W = (torch.cat([W_x, W_h]) * two).t().contiguous().t()  # (D+H, 4H)
+    b2 = b * two
+    xh[:L, :, :D].copy_(x)
+    xh[0, :, D:].zero_()                                     # h_0 = 0
+    c[0].zero_()                                             # c_0 = 0
+    # (In-place ops with a float operand, like x.mul_(2.0), cost a tensor conversion per call
+    # in TorchScript; x.add_(x) and addcmul with a ``one`` tensor do not.)
+    for t in range(L):
+        a = acts[t]                                          # (B, 4H)
+        torch.addmm(b2, xh[t], W, out=a)                     # z = x_t W_x + h_{t-1} W_h + b
+        a.sigmoid_()                                         # sigma(2 z_g), i, f, o   (2-4)
+        if need_grad:
+            torch.addcmul(a, a, a, value=-1.0, out=dz_dc[t].view(B, 4 * H))   # sigma' = a - a^2
+        g, i, f, o = a[:, :H], a[:, H:2 * H], a[:, 2 * H:3 * H], a[:, 3 * H:]
+        g.add_(g).sub_(one)                                  # g = 2 sigma(2 z_g) - 1   (1)
+        c_t = c[t + 1]
+        torch.mul(c[t], f, out=c_t).addcmul_(g, i)           # c = c_{t-1} f + g i      (5)
+        tc = tanh_c[t]
+        torch.add(c_t, c_t, out=tc).sigmoid_()
+        tc.add_(tc).sub_(one)                                # tanh(c) = 2 sigma(2c) - 1
+        torch.mul(tc, o, out=xh[t + 1, :, D:])               # h = tanh(c) o            (6)
+        if need_grad:
+            d = dz_dc[t]                                     # (B, 4, H), sigma' of each gate
+            torch.addcmul(one, g, g, value=-1.0, out=d[:, 0]).mul_(i)   # dz_g/dc = i (1 - g^2)
+            d[:, 1].mul_(g)                                  # dz_i/dc = g i (1 - i)
+            d[:, 2].mul_(c[t])                               # dz_f/dc = c_{t-1} f (1 - f)
+            d[:, 3].mul_(tc)                                 # dz_o/dh = tanh(c) o (1 - o)
+            torch.addcmul(one, tc, tc, value=-1.0, out=dc_dh[t]).mul_(o)   # dc/dh = o (1 - tanh^2 c)
+
+
+@script
+def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
+                  xh: Tensor, acts: Tensor, dz_dc: Tensor, dc_dh: Tensor, dz: Tensor,
+                  need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Back-propagation through time for ``lstm_forward``, into the buffer ``dz (L, B, 4, H)``.
+
+    ``dh_seq (L, B, H)`` is the gradient reaching every h_t from outside, ``dh_last (B, H)`` the
+    one reaching h_L (either may be None). Returns dL/dx (time-major), dL/dW_x, dL/dW_h, dL/db.
+    """
+    L, B, H4 = acts.shape
+    H = H4 // 4
+    D = W_x.shape[0]
+    f = acts[:, :, 2 * H:3 * H]
+    W_hT = W_h.t().contiguous()
+    dz_flat = dz.view(L, B, 4 * H)
+    dh = xh.new_zeros(B, H)
+    if dh_last is not None:
+        dh = dh_last
+    if dh_seq is not None:
+        dh = dh + dh_seq[L - 1]
+    dc = dh * dc_dh[L - 1]
+    for t in range(L - 1, -1, -1):
+        if t < L - 1:
+            # dh_t = (from outside) + dz_{t+1} W_h^T;   dc_t = dc_{t+1} f_{t+1} + dh_t dc_t/dh_t
+            if dh_seq is not None:
+                dh = torch.addmm(dh_seq[t], dz_flat[t + 1], W_hT)
+            else:
+                dh = torch.mm(dz_flat[t + 1], W_hT)
+            dc = torch.addcmul(dc * f[t + 1], dh, dc_dh[t])
+        torch.mul(dc.unsqueeze(1), dz_dc[t, :, :3], out=dz[t, :, :3])   # dz_g, dz_i, dz_f
+        torch.mul(dh, dz_dc[t, :, 3], out=dz[t, :, 3])                  # dz_o
+    dz_2d = dz.view(L * B, 4 * H)
+    dW = torch.mm(xh[:L].reshape(L * B, D + H).t(), dz_2d)    # sum_t [x_t | h_{t-1}]^T dz_t
+    db = dz_2d.sum(0)
+    dx: Optional[Tensor] = None
+    if need_dx:
+        dx = torch.mm(dz_2d, W_x.t()).view(L, B, D)
+    return dx, dW[:D], dW[D:], db
+
+
+class LSTMFunction(torch.autograd.Function):
+    """``(x (L,B,D), W_x, W_h, b) -> h_L (B,H)``, or with ``keep_states``
+    ``(h_L, h_1..h_L (L,B,H), [g,i,f,o] (L,B,4H), c (L+1,B,H))`` (the last two not differentiable).
+
+    All inputs share one dtype. Buffers come from ``WORKSPACE`` unless states are returned
+    (then the caller owns them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_x, W_h, b, keep_states: bool, need_grad: bool):
+        # need_grad: grad mode was on and an input requires grad (ctx.needs_input_grad alone
+        # does not see torch.no_grad()); without it no derivative buffers are filled.
+        L, B, D = x.shape
+        H = W_h.shape[0]
+        take = (lambda shape: x.new_empty(shape)) if keep_states else (lambda shape: WORKSPACE.take(shape, x))
+        xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
+        grad_bufs = (take((L, B, 4, H)), take((L, B, H))) if need_grad else (x.new_empty(0), x.new_empty(0))
+        lstm_forward(x, W_x, W_h, b, xh, acts, c, tanh_c, *grad_bufs, need_grad)
+        h_seq = xh[1:, :, D:]                                 # (L, B, H)
+        h_last = h_seq[L - 1].clone()
+        ctx.set_materialize_grads(False)
+        if need_grad:
+            ctx.save_for_backward(W_x, W_h)
+            ctx.buffers = (xh, acts, *grad_bufs)
+            if not keep_states:   # back to the pool when autograd frees this node (and its graph)
+                weakref.finalize(ctx, WORKSPACE.give, xh, acts, c, tanh_c, *grad_bufs)
+        elif not keep_states:
+            WORKSPACE.give(xh, acts, c, tanh_c)
+        if not keep_states:
+            return h_last
+        ctx.mark_non_differentiable(acts, c)
+        return h_last, h_seq, acts, c
+
+    @staticmethod
+    def backward(ctx, dh_last, dh_seq=None, _dacts=None, _dc=None):
+        W_x, W_h = ctx.saved_tensors
+        xh, acts, dz_dc, dc_dh = ctx.buffers
+        dx = dW_x = dW_h = db = None
+        if dh_last is not None or dh_seq is not None:
+            dz = WORKSPACE.take(dz_dc.shape, xh)
+            dx, dW_x, dW_h, db = lstm_backward(dh_seq, dh_last, W_x, W_h, xh, acts, dz_dc, dc_dh, dz,
+                                               ctx.needs_input_grad[0])
+            WORKSPACE.give(dz)
+        return dx, dW_x, dW_h, db, None, None
+
+
+# --- the reference loop --------------------------------------------------------------------------
+
 def lstm_loop(xw: Tensor, W_h: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
-    """Run eqs 1-6 over time. ``xw = x W_x + b`` is ``(B, L, 4H)``; returns ``h_L`` and, if
-    asked, the per-step ``[g, i, f, o, c, h]`` each ``(B, L, H)``."""
+    """Run eqs 1-6 over time with autograd. ``xw = x W_x + b`` is ``(B, L, 4H)``; returns
+    ``h_L`` and, if asked, the per-step ``[g, i, f, o, c, h]`` each ``(B, L, H)``."""
     B, L, H4 = xw.shape
     H = H4 // 4
     h = xw.new_zeros(B, H)
@@ -67,9 +260,6 @@ def lstm_loop(xw: Tensor, W_h: Tensor, keep_states: bool) -> Tuple[Tensor, List[
     if keep_states:
         states = [torch.stack(s, dim=1) for s in steps]   # each (B, L, H)
     return h, states
-
-
-lstm_loop_script = script(lstm_loop)
 
 
 class LSTM(nn.Module):
@@ -95,13 +285,28 @@ class LSTM(nn.Module):
         self.b_p = nn.Parameter(torch.zeros(output_dim))                                # (K,)
 
     def forward(self, x: Tensor, return_states: bool = False):
-        xw = x @ self.W_x + self.b                         # (B, L, 4H): input part of eqs 1-4
-        loop = lstm_loop_script if self.backend == "script" else lstm_loop
-        h, states = loop(xw, self.W_h, return_states)      # h: (B, H)
+        if self.backend == "script":
+            h, states = self._fused(x, return_states)      # h: (B, H)
+        else:
+            xw = x @ self.W_x + self.b                     # (B, L, 4H): input part of eqs 1-4
+            h, states = lstm_loop(xw, self.W_h, return_states)
         p = h @ self.W_ph + self.b_p                       # (7) (B, K)
         if return_states:
             return p, dict(zip(GATES + ("c", "h"), states))
         return p
+
+    def _fused(self, x: Tensor, return_states: bool) -> Tuple[Tensor, List[Tensor]]:
+        dtype = compute_dtype(x, self.W_h)
+        with torch.autocast(x.device.type, enabled=False):
+            inputs = (x.transpose(0, 1).to(dtype), self.W_x.to(dtype), self.W_h.to(dtype), self.b.to(dtype))
+            need_grad = torch.is_grad_enabled() and any(v.requires_grad for v in inputs)
+            out = LSTMFunction.apply(*inputs, return_states, need_grad)
+        if not return_states:
+            return out, []
+        h_last, h_seq, acts, c = out
+        H = self.hidden_dim
+        per_gate = [acts[:, :, k * H:(k + 1) * H] for k in range(4)]           # g, i, f, o: (L, B, H)
+        return h_last, [v.transpose(0, 1) for v in per_gate + [c[1:], h_seq]]  # each (B, L, H)
 
     def gate_weights(self) -> dict[str, Tensor]:
         """Per-gate weights in the report's orientation (detached copies)."""
