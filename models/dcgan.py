@@ -11,6 +11,8 @@ weight N(1, 0.02), bias 0), as in Radford et al.
 """
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 LATENT_DIM = 100   # the report's z size
@@ -73,3 +75,73 @@ def dcgan_init(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+
+
+# --- BatchNorm over several processes ----------------------------------------------------------
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch of all processes.
+
+    The per-channel sums of x and x^2 and the count are all-reduced by ``AllReduceSum``, so
+    the backward pass sums the statistics' gradients over ranks too, as ``nn.SyncBatchNorm`` does. DDP accepts ``nn.SyncBatchNorm``
+    on CUDA only; this runs on any backend (gloo on CPU). Running stats are updated from the
+    global statistics, so they are equal on every rank. With one process it is BatchNorm2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        C = x.shape[1]
+        xf = x.float()                                                     # (B, C, H, W)
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)),
+                           xf.new_tensor([xf.numel() // C])])              # (2C + 1,)
+        total = AllReduceSum.apply(local)                                         # summed over ranks
+        n = total[-1]
+        mean = total[:C] / n                                               # (C,)
+        var = (total[C:2 * C] / n - mean * mean).clamp_min(0)              # biased, (C,)
+        self._update_running_stats(mean.detach(), var.detach(), n.item())
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, var: Tensor, n: float) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked += 1
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
+
+
+def synchronise_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """BatchNorm over the global batch when training with several processes: ``nn.SyncBatchNorm``
+    on CUDA, ``GlobalBatchNorm2d`` elsewhere (DDP rejects SyncBatchNorm off CUDA)."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats).to(child.weight.device)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            synchronise_batchnorm(child, device_type)
+    return model

@@ -1,0 +1,142 @@
+"""Images/s of trainers/gan.py's loop against a plain PyTorch loop (no Accelerate), same run.
+
+    python benchmarks/gan_speed.py                       # cpu-demo width/batch, fp32, 1 thread
+    python benchmarks/gan_speed.py --variants all        # + channels_last, torch.compile, batch sizes
+    python benchmarks/gan_speed.py --base-channels 16 --batch-size 64 --steps 60 --rounds 5
+
+Both loops train the same model (``models/dcgan.py``) on the same batches, noise and
+precision, and their weights agree (``tests/test_gan.py`` checks this against
+``plain_train``). Each round runs every variant once, in turn, so load from other users of
+the machine hits all of them alike; the medians over rounds are reported with the ratio
+to the plain loop of the same round. The trainer's images/s is its own ``train_images_per_s``
+(the loop's wall time minus stages and checkpoints: logging, EMA and bookkeeping are in).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from trainers.gan import (NOISE_STREAM, GANConfig, build_models, epoch_batches, iterations_per_epoch,
+                          load_train_images, make_config, noise, train)
+
+
+def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models: bool = False):
+    """The reference: the DCGAN loop in plain PyTorch, one process, no Accelerate, no EMA.
+
+    Returns ``(G, D, seconds)`` where seconds covers the ``steps`` iterations only.
+    """
+    G, D = build_models(cfg)
+    if cfg.channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    iters = iterations_per_epoch(len(images), cfg.batch_size, 1)
+    ones, zeros = torch.ones(cfg.batch_size), torch.zeros(cfg.batch_size)
+    batches, batches_epoch = None, -1
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        epoch, it = (step - 1) // iters + 1, (step - 1) % iters
+        if batches_epoch != epoch:
+            batches, batches_epoch = epoch_batches(cfg, len(images), 0, 1, epoch), epoch
+        real = images[batches[it]]
+        if cfg.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        z = noise(cfg.batch_size, cfg.latent_dim, cfg.seed, NOISE_STREAM, 0, step)
+        with autocast:                                   # D: maximise log D(x) + log(1 - D(G(z)))
+            fake = G_run(z)
+            logit_real, logit_fake = D_run(real).float(), D_run(fake.detach()).float()
+        loss_d = F.binary_cross_entropy_with_logits(logit_real, ones) + \
+            F.binary_cross_entropy_with_logits(logit_fake, zeros)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        with autocast:                                   # G: maximise log D(G(z))
+            logit_gen = D_run(fake).float()
+        loss_g = F.binary_cross_entropy_with_logits(logit_gen, ones)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        loss_d.item(), loss_g.item()                     # the trainer reads its stats too
+    return G, D, time.perf_counter() - start
+
+
+def trainer_images_per_s(cfg: GANConfig, out_dir: str, name: str) -> float:
+    metrics = train(make_config(cfg.preset, **{**cfg.__dict__, "out_dir": out_dir, "run_name": name}))
+    return metrics["train_images_per_s"]
+
+
+def variants(base: GANConfig, which: str) -> dict[str, tuple[GANConfig, str]]:
+    """name -> (config, loop): loop is "trainer", "plain" or "plain+compile"."""
+    out = {"plain": (base, "plain"), "trainer": (base, "trainer"),
+           "trainer + EMA": (make_config(base.preset, **{**base.__dict__, "ema_decay": 0.999}), "trainer")}
+    if which == "all":
+        cl = make_config(base.preset, **{**base.__dict__, "channels_last": True})
+        out["trainer channels_last"] = (cl, "trainer")
+        out["plain torch.compile"] = (base, "plain+compile")
+        for bs in (32, 128):
+            other = make_config(base.preset, **{**base.__dict__, "batch_size": bs})
+            out[f"trainer batch {bs}"] = (other, "trainer")
+        bf16 = make_config(base.preset, **{**base.__dict__, "mixed_precision": "bf16"})
+        out["trainer bf16"] = (bf16, "trainer")
+        out["plain bf16"] = (bf16, "plain")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base-channels", type=int, default=16, help="width b (cpu-demo's)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per iteration (cpu-demo's)")
+    p.add_argument("--steps", type=int, default=40, help="timed iterations per variant and round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu-demo's)")
+    p.add_argument("--variants", choices=("baseline", "all"), default="baseline",
+                   help="baseline: trainer vs plain; all: + channels_last, compile, batch sizes, bf16")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = make_config("cpu-demo", base_channels=args.base_channels, batch_size=args.batch_size,
+                       max_steps=args.steps, wandb=False, progress=False, eval_metrics=False,
+                       stages="0", checkpoint_every=10 ** 9, num_threads=args.threads, ema_decay=0.0)
+    table = variants(base, args.variants)
+    speeds: dict[str, list[float]] = {k: [] for k in table}
+    ratios: dict[str, list[float]] = {k: [] for k in table}
+    images = load_train_images(base)
+    print(f"threads {torch.get_num_threads()}, b={args.base_channels}, batch {args.batch_size}, "
+          f"{args.steps} iterations x {args.rounds} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, (cfg, loop) in table.items():
+                if loop == "trainer":
+                    speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.replace(' ', '_')}")
+                else:
+                    if loop == "plain+compile":   # compile outside the timed window
+                        plain_train(cfg, images, 3, compile_models=True)
+                    _, _, secs = plain_train(cfg, images, args.steps, compile_models=loop == "plain+compile")
+                    speed = args.steps * cfg.batch_size / secs
+                speeds[name].append(speed)
+            for name in table:
+                ratios[name].append(speeds[name][-1] / speeds["plain"][-1])
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in speeds.items()), flush=True)
+    print(f"\n{'variant':<24}{'images/s (median)':>18}{'vs plain (median)':>20}")
+    result = {}
+    for name in table:
+        med, ratio = statistics.median(speeds[name]), statistics.median(ratios[name])
+        result[name] = {"images_per_s": med, "ratio_vs_plain": ratio}
+        print(f"{name:<24}{med:>18.0f}{ratio:>19.2f}x")
+    print(f"\ngoal trainer/plain >= 1.0x: {result['trainer']['ratio_vs_plain']:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()

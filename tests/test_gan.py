@@ -1,0 +1,307 @@
+"""The DCGAN and its trainer: shapes against SPEC, the loop against a plain PyTorch loop,
+multi-process BatchNorm against BatchNorm on the whole batch, files on disk, resume, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from benchmarks.gan_speed import plain_train
+from conftest import ROOT, clean_env, run_script
+from models.dcgan import Discriminator, GlobalBatchNorm2d, Generator
+from trainers.cli import UsageError, run_cli
+from trainers.gan import (GANConfig, epoch_batches, generate, load_generator, load_train_images, main,
+                          make_config, parse_train_args, train)
+from trainers.tracking import read_offline_run
+
+# a few seconds per run: b=4, 512 images, batches of 32 -> 16 iterations per epoch
+TINY = dict(preset="cpu-demo", base_channels=4, batch_size=32, train_subset=512, epochs=2, stages="0,1,2",
+            wandb=False, progress=False, eval_metrics=False, checkpoint_every=8, log_every=4)
+TINY_FLAGS = ["--preset", "cpu-demo", "--base-channels", "4", "--batch-size", "32", "--train-subset", "512",
+              "--no-progress", "--no-eval-metrics", "--log-every", "4"]
+
+
+def tiny(tmp_path, **kw) -> GANConfig:
+    return make_config(**{**TINY, "out_dir": str(tmp_path), **kw})
+
+
+# --- the models ----------------------------------------------------------------------------------
+
+def test_generator_follows_spec_shapes_and_range():
+    b = 3
+    G = Generator(100, b)
+    x, shapes = torch.randn(5, 100, 1, 1), []
+    for layer in G.net:
+        x = layer(x)
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(8 * b, 4, 4), (4 * b, 8, 8), (2 * b, 16, 16), (b, 32, 32), (b, 28, 28), (1, 28, 28)]
+    dilated = [m for m in G.modules() if isinstance(m, nn.Conv2d) and m.dilation == (2, 2)]
+    assert len(dilated) == 1 and dilated[0].in_channels == dilated[0].out_channels == b  # the fixed bug
+    out = G(torch.randn(7, 100))
+    assert out.shape == (7, 1, 28, 28) and out.abs().max() <= 1
+
+
+def test_discriminator_returns_one_logit_per_image_and_uses_dcgan_init():
+    b = 4
+    D = Discriminator(b)
+    x, shapes = torch.randn(6, 1, 28, 28), []
+    for layer in D.net:
+        x = layer(x)
+        if isinstance(layer, nn.Conv2d):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(b, 14, 14), (2 * b, 7, 7), (4 * b, 3, 3), (8 * b, 1, 1), (1, 1, 1)]
+    assert D(torch.randn(6, 1, 28, 28)).shape == (6,)
+    assert not any(isinstance(m, nn.Sigmoid) for m in D.modules())   # logits, for BCEWithLogits
+    big = Generator(100, 32).net[0].weight   # 100 x 256 x 4 x 4 draws of N(0, 0.02)
+    assert abs(big.mean().item()) < 1e-3 and abs(big.std().item() - 0.02) < 1e-3
+    bn = [m for m in D.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    assert abs(bn.weight.mean().item() - 1) < 0.01 and bn.bias.abs().max() == 0
+
+
+def test_global_batchnorm_over_two_processes_equals_batchnorm_on_the_whole_batch():
+    import torch.multiprocessing as mp
+    from gan_dist_worker import global_bn_rank
+    x, w = torch.randn(8, 3, 5, 5) * 3 + 1, torch.randn(8, 3, 5, 5)
+    weight, bias = torch.tensor([1.5, 0.5, 2.0]), torch.tensor([0.1, -0.2, 0.3])
+    ref = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+        ref.bias.copy_(bias)
+    xr = x.clone().requires_grad_(True)
+    y_ref = ref(xr)
+    (y_ref * w).sum().backward()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = 29_000 + os.getpid() % 1000
+    procs = [ctx.Process(target=global_bn_rank, args=(r, 2, port, x, w, weight, bias, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted([queue.get(timeout=120) for _ in procs], key=lambda t: t[0])
+    for p in procs:
+        p.join(30)
+    got = [[torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in g] for g in got]
+    y = torch.cat([g[1] for g in got])
+    gx = torch.cat([g[2] for g in got])
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(gx, xr.grad, atol=1e-5)
+    for _, _, _, gw, rm, rv in got:   # equal on both ranks, equal to the single-process BatchNorm
+        assert torch.allclose(gw, ref.weight.grad, atol=1e-4)
+        assert torch.allclose(rm, ref.running_mean, atol=1e-5) and torch.allclose(rv, ref.running_var, atol=1e-5)
+
+
+# --- the data ------------------------------------------------------------------------------------
+
+def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
+    cfg = GANConfig(batch_size=10, seed=3)
+    a0, a1 = epoch_batches(cfg, 100, 0, 2, 1), epoch_batches(cfg, 100, 1, 2, 1)
+    assert a0.shape == a1.shape == (5, 10)
+    assert set(a0.flatten().tolist()).isdisjoint(a1.flatten().tolist())
+    assert sorted(a0.flatten().tolist() + a1.flatten().tolist()) == list(range(100))
+    assert torch.equal(a0, epoch_batches(cfg, 100, 0, 2, 1))
+    assert not torch.equal(a0, epoch_batches(cfg, 100, 0, 2, 2))          # a new order each epoch
+    images = load_train_images(GANConfig(train_subset=100))
+    assert images.shape == (100, 1, 28, 28) and images.min() == -1 and images.max() == 1
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path):
+    cfg = tiny(tmp_path, run_name="ref", max_steps=20, ema_decay=0.0, stages="0")
+    train(cfg)
+    G, D, _ = plain_train(cfg, load_train_images(cfg), 20)
+    ckpt = tmp_path / "ref" / "checkpoints" / "step_00000020"
+    for model, file in ((G, "model.safetensors"), (D, "model_1.safetensors")):
+        saved = load_file(ckpt / file)
+        for k, v in model.state_dict().items():
+            assert torch.allclose(saved[k], v, rtol=1e-5, atol=1e-6), (file, k)
+
+
+def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):
+    proc = run_script(["trainers/gan.py", *TINY_FLAGS, "--epochs", "3", "--stages", "0,1,2,3", "--lr", "1e-3",
+                       "--checkpoint-every", "10", "--keep-checkpoints", "2", "--out-dir", tmp_path,
+                       "--run-name", "e2e"], WANDB_MODE="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "e2e"
+    grids = [mpimg.imread(run / "samples" / f"epoch_{e:03d}.png") for e in range(4)]
+    assert all(g.shape[:2] == (8 * 30 + 2, 8 * 30 + 2) for g in grids)   # 8 x 8 images of 28 px + padding
+    for a, b in zip(grids, grids[1:]):                                    # the grids change across stages
+        assert np.abs(a - b).max() > 0.1 and np.abs(a - b).mean() > 1e-3
+    for name in ("samples/final.png", "figures/stages.png", "figures/three_panel.png", "figures/losses.png"):
+        assert mpimg.imread(run / name).size > 1000, name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["steps"] == 48 and metrics["iterations_per_epoch"] == 16
+    assert metrics["skipped_steps_d"] == metrics["skipped_steps_g"] == 0
+    assert set(metrics["stages"]) == {"0", "1", "2", "3"}
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000040", "step_00000048"]                   # the last 2 of 10, 16, 20, ...
+    meta = json.loads((run / "checkpoints" / "step_00000048" / "palgan.json").read_text())
+    assert len(meta["extra"]["history"]["loss_d"]) == 48                  # per-iteration losses kept
+    [wandb_file] = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    history = read_offline_run(wandb_file)["history"]
+    steps = [row["_step"] for row in history]
+    assert steps == sorted(steps)
+    scalars = [row for row in history if "train/loss_d" in row]
+    assert len(scalars) >= 12 and all(np.isfinite(r["train/loss_g"]) for r in scalars)
+    assert sum("samples/grid/_type" in row for row in history) == 4       # one grid per stage
+    assert any("figures/losses/_type" in row and "figures/three_panel/_type" in row for row in history)
+
+    # sample: a tensor in [-1, 1], and a PNG grid, from the run folder
+    out = tmp_path / "s.pt"
+    assert run_cli(main, ["sample", "--checkpoint", str(run), "--n", "10", "--out", str(out)]) is None
+    images = torch.load(out)
+    assert images.shape == (10, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+    generator, cfg = load_generator(run / "checkpoints")
+    assert torch.equal(images, generate(generator, 10, seed=0)) and cfg.base_channels == 4
+    run_cli(main, ["sample", "--checkpoint", str(run / "checkpoints" / "step_00000040"), "--n", "5",
+                   "--out", str(tmp_path / "s.png")])
+    assert mpimg.imread(tmp_path / "s.png").shape[:2] == (2 * 30 + 2, 3 * 30 + 2)   # 5 images: 2 rows of 3
+
+
+def final_state(run: Path) -> dict:
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    ema = torch.load(last / "custom_checkpoint_0.pkl", weights_only=True)
+    return {**load_file(last / "model.safetensors"), **{f"D.{k}": v for k, v in load_file(last / "model_1.safetensors").items()},
+            **{f"ema.{k}": v for k, v in ema.items()}}
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    flags = [*TINY_FLAGS, "--epochs", "4", "--stages", "0,2,4", "--checkpoint-every", "20", "--no-wandb",
+             "--out-dir", tmp_path]
+    train(make_config(**{**TINY, "epochs": 4, "stages": "0,2,4", "checkpoint_every": 20,
+                         "out_dir": str(tmp_path), "run_name": "ref"}))
+    child = subprocess.Popen([sys.executable, "trainers/gan.py", *map(str, flags), "--run-name", "cut"], cwd=ROOT,
+                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "cut" / "checkpoints" / "step_00000020"
+    deadline = time.time() + 120
+    while not first.exists() and child.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+
+    train(make_config(**{**TINY, "epochs": 4, "stages": "0,2,4", "checkpoint_every": 20,
+                         "out_dir": str(tmp_path), "run_name": "cut", "resume": True}))
+    a, b = final_state(tmp_path / "ref"), final_state(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("ref", "cut"))
+    assert mb["steps"] == ma["steps"] == 64 and mb["last_epoch/loss_d"] == ma["last_epoch/loss_d"]
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+def test_presets_and_explicit_flags(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = parse_train_args(["--epochs", "2"])
+    assert "preset auto -> cpu-demo" in capsys.readouterr().out
+    assert cfg.preset == "cpu-demo" and cfg.epochs == 2 and cfg.base_channels == 16   # flag wins, rest preset
+    paper = parse_train_args(["--preset", "paper"])
+    assert (paper.base_channels, paper.epochs, paper.batch_size, paper.lr, paper.beta1, paper.latent_dim) == \
+        (128, 50, 128, 2e-4, 0.5, 100)
+    assert paper.stage_list() == [0, 1, 5, 10, 20, 30, 40, 50]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_train_args([]).preset == "paper"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+BAD_FLAGS = [
+    (["--preset", "huge"], "--preset"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "-3"], "--epochs"),
+    (["--epochs", "nan"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "-1"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-64"], "--batch-size"),
+    (["--batch-size", "inf"], "--batch-size"),
+    (["--base-channels", "0"], "--base-channels"),
+    (["--ema-decay", "1.5"], "--ema-decay"),
+    (["--stages", "1,x"], "--stages"),
+    (["--mixed-precision", "fp8"], "--mixed-precision"),
+    (["--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist"),
+    (["--resume"], "no checkpoint"),
+    (["--batch-size", "100", "--train-subset", "50"], "--batch-size"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags_give_one_line_and_exit_2(flags, needle, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*flags, "--out-dir", str(tmp_path), "--no-wandb", "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())                                  # nothing was written
+
+
+def test_corrupt_mnist_file_is_named_and_nothing_is_written(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", raw)
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes((ROOT / "data" / "MNIST" / "raw" / gz.name).read_bytes()[:100_000])   # truncated
+    with pytest.raises(UsageError, match="corrupt") as err:
+        train(make_config(**{**TINY, "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "runs")}))
+    assert str(gz) in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_checkpoints_for_sample_and_resume_are_reported_and_left_untouched(tmp_path, capsys):
+    train(tiny(tmp_path, run_name="c", max_steps=8, stages="0"))
+    run = tmp_path / "c"
+    ckpt = run / "checkpoints" / "step_00000008"
+    out = tmp_path / "keep.pt"
+    out.write_bytes(b"precious")
+    for argv, needle in ((["--checkpoint", str(tmp_path / "missing")], "does not exist"),
+                         (["--checkpoint", str(tmp_path)], "no checkpoint found"),
+                         (["--checkpoint", str(run), "--n", "0"], "--n"),
+                         (["--checkpoint", str(run), "--out", str(tmp_path / "x.jpg")], "--out")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, ["sample", *argv, "--out", str(out)] if "--out" not in argv else ["sample", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(b"not a tensor file")
+    (ckpt / "model.safetensors").write_bytes(b"not a tensor file")
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    metrics_before = (run / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit):
+        run_cli(main, ["sample", "--checkpoint", str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be loaded" in err and "step_00000008" in err, err
+    assert out.read_bytes() == b"precious"
+    with pytest.raises(SystemExit):
+        run_cli(main, [*TINY_FLAGS, "--no-wandb", "--out-dir", str(tmp_path), "--run-name", "c", "--resume",
+                       "--max-steps", "16"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step_00000008" in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert (run / "metrics.json").read_bytes() == metrics_before
+    (ckpt / "palgan.json").write_text("{")
+    with pytest.raises(UsageError, match="corrupt"):
+        load_generator(run)
+
+
+def test_existing_run_is_not_overwritten_and_nan_loss_is_a_usage_error(tmp_path):
+    train(tiny(tmp_path, run_name="r", max_steps=4, stages="0"))
+    with pytest.raises(UsageError, match="--resume"):
+        train(tiny(tmp_path, run_name="r", max_steps=4, stages="0"))
+    saved = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file() and "wandb" not in p.parts}
+    with pytest.raises(UsageError, match="--lr"):   # resumed with an absurd lr: the loss becomes NaN
+        train(tiny(tmp_path, run_name="r", max_steps=12, stages="0", lr=1e38, beta1=0.0, resume=True))
+    assert all(p.read_bytes() == blob for p, blob in saved.items())     # nothing saved was lost
