@@ -58,6 +58,8 @@ class SweepConfig:
     eval_every: int = arg(500, "steps between validation passes = Tune reports = checkpoints", "trial")
     batch_size: int = arg(128, "sequences per step", "trial")
     val_size: int = arg(10_000, "validation sequences per T", "trial")
+    input_encoding: str = arg("onehot", "digit encoding of every trial (scalar: the course template's 1-d input)",
+                              "trial", ("onehot", "scalar"))
     seed: int = arg(0, "trainer seed of every trial, and seed of the (hidden_dim, lr) draws", "trial")
     # scheduling and resources
     grace_period: int = arg(2000, "ASHA: steps before a trial can be stopped", "scheduling")
@@ -293,7 +295,7 @@ def check_resources(sc: SweepConfig) -> None:
 def fixed_trial_settings(sc: SweepConfig) -> dict:
     """LSTMConfig fields shared by every trial (stored in the param space, so --resume keeps them)."""
     return dict(steps=sc.steps, eval_every=sc.eval_every, batch_size=sc.batch_size, val_size=sc.val_size,
-                seed=sc.seed, out_dir=str(sc.sweep_dir / "trials"), wandb=sc.wandb,
+                input_encoding=sc.input_encoding, seed=sc.seed, out_dir=str(sc.sweep_dir / "trials"), wandb=sc.wandb,
                 wandb_project=sc.wandb_project, wandb_group=sc.name, progress=False)
 
 
@@ -401,8 +403,9 @@ def run_sweep(sc: SweepConfig, callbacks=None, verbose: int = 1) -> dict:
 
 # --- outputs -------------------------------------------------------------------------------------
 
+SOLVED = 0.99   # validation accuracy that counts as solved, for steps_to_solve
 RESULT_COLUMNS = ("trial_id", "model", "seq_length", "hidden_dim", "lr", "status", "steps", "best_val_acc",
-                  "best_step", "val_acc", "val_loss", "train_acc", "train_loss", "time_s", "run_dir")
+                  "best_step", "steps_to_solve", "val_acc", "val_loss", "train_acc", "train_loss", "time_s", "run_dir")
 
 
 def collect_rows(experiment_dir: Path, sc: SweepConfig) -> list[dict]:
@@ -419,8 +422,11 @@ def collect_rows(experiment_dir: Path, sc: SweepConfig) -> list[dict]:
                "hidden_dim": config["hidden_dim"], "lr": config["lr"],
                "run_dir": str(trial_config(config, trial.trial_id).run_dir)}
         if history is not None and METRIC in history and len(history):
-            best = int(history[METRIC].astype(float).values.argmax())
-            row.update(best_val_acc=float(history[METRIC].iloc[best]), best_step=int(history[TIME_ATTR].iloc[best]))
+            accs, steps = history[METRIC].astype(float).values, history[TIME_ATTR].astype(int).values
+            best = int(accs.argmax())
+            solved = [int(s) for a, s in zip(accs, steps) if a >= SOLVED]
+            row.update(best_val_acc=float(accs[best]), best_step=int(steps[best]),
+                       steps_to_solve=min(solved) if solved else None)
         row.update(steps=last.get(TIME_ATTR), val_acc=last.get("val/acc"), val_loss=last.get("val/loss"),
                    train_acc=last.get("train/acc"), train_loss=last.get("train/loss"),
                    time_s=round(float(last.get("time_total_s", 0.0)), 1))
@@ -483,36 +489,59 @@ def table_rows(rows: list[dict], sc: SweepConfig) -> tuple[list[str], list[list[
 
 
 def table_markdown(rows: list[dict], sc: SweepConfig) -> str:
+    """Table 1 (best accuracy) with a note on what produced it, then the fewest steps to SOLVED."""
     columns, body = table_rows(rows, sc)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped by ASHA", "error")}
-    note = (f"Best validation accuracy over each (model, T)'s trials; sweep `{sc.name}`: {len(rows)} trials "
-            f"({counts['completed']} completed, {counts['stopped by ASHA']} stopped by ASHA, {counts['error']} "
-            f"errors), {sc.num_samples} draw(s) per cell of hidden_dim in {{{sc.hidden_dims}}} and lr "
-            f"log-uniform in [{sc.lr_min:g}, {sc.lr_max:g}], up to {sc.steps} steps of batch {sc.batch_size}, "
-            f"validation set of {sc.val_size} palindromes per T. Chance is {100 * CHANCE:.0f}%.")
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    lines += ["", f"Best validation accuracy over each (model, T)'s trials; sweep `{sc.name}`: {len(rows)} trials "
+              f"({counts['completed']} completed, {counts['stopped by ASHA']} stopped by ASHA, {counts['error']} "
+              f"errors), {sc.num_samples} draw(s) per cell of hidden_dim in {{{sc.hidden_dims}}} and lr "
+              f"log-uniform in [{sc.lr_min:g}, {sc.lr_max:g}], up to {sc.steps} steps of batch {sc.batch_size}, "
+              f"validation set of {sc.val_size} palindromes per T, {sc.input_encoding} input. "
+              f"Chance is {100 * CHANCE:.0f}%."]
+    lengths = parse_ints(sc.seq_lengths, "seq_lengths", 2)
+    lines += ["", f"Fewest steps any trial needed to reach {100 * SOLVED:.0f}% validation accuracy "
+                  f"(checked every {sc.eval_every} steps; never: no trial got there):", "",
+              "| Model | " + " | ".join(f"T={t}" for t in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
+    for model in [m for m in ("rnn", "lstm") if m in parse_models(sc.models)]:
+        fastest = [min((r["steps_to_solve"] for r in rows if r["model"] == model and r["seq_length"] == t
+                        and r["steps_to_solve"]), default=None) for t in lengths]
+        lines.append(f"| {MODEL_LABELS[model]} | " + " | ".join(str(f) if f else "never" for f in fastest) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_acc_vs_T(rows: list[dict], sc: SweepConfig, path: Path) -> Path:
+    """Left: the best validation accuracy against T per model (and every trial's best, faint).
+    Right: the fewest steps any trial needed to reach SOLVED accuracy, for when both reach 100%."""
     best = best_per_cell(rows)
     lengths = parse_ints(sc.seq_lengths, "seq_lengths", 2)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(12, 4.5))
     for model, style in (("lstm", "o-"), ("rnn", "s--")):
         if model not in parse_models(sc.models):
             continue
+        label = MODEL_LABELS[model]
         trials = [r for r in rows if r["model"] == model and r["best_val_acc"] is not None]
-        line = ax.plot([t for t in lengths if (model, t) in best],
-                       [best[(model, t)]["best_val_acc"] for t in lengths if (model, t) in best],
-                       style, label=f"{MODEL_LABELS[model]} (best of its trials)", lw=2)
+        ts = [t for t in lengths if (model, t) in best]
+        line = ax.plot(ts, [best[(model, t)]["best_val_acc"] for t in ts], style, lw=2, label=f"{label}: best trial")
+        color = line[0].get_color()
         ax.scatter([r["seq_length"] for r in trials], [r["best_val_acc"] for r in trials], s=14, alpha=0.35,
-                   color=line[0].get_color(), label=f"{MODEL_LABELS[model]}: each trial")
+                   color=color, label=f"{label}: each trial")
+        fastest = {t: min((r["steps_to_solve"] for r in trials if r["seq_length"] == t and r["steps_to_solve"]),
+                          default=None) for t in lengths}
+        solved = [t for t in lengths if fastest[t]]
+        ax_steps.plot(solved, [fastest[t] for t in solved], style, color=color, lw=2, label=label)
     ax.axhline(CHANCE, color="grey", ls=":", label="chance (10%)")
     ax.set(xlabel="palindrome length T", ylabel="best validation accuracy", ylim=(0, 1.03), xticks=lengths,
-           title=f"sweep {sc.name}: accuracy against T ({len(rows)} trials, <= {sc.steps} steps)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+           title=f"best accuracy against T ({len(rows)} trials, <= {sc.steps} steps)")
+    ax_steps.set(xlabel="palindrome length T", ylabel=f"steps to {100 * SOLVED:.0f}% validation accuracy",
+                 xticks=lengths, xlim=ax.get_xlim(), ylim=(0, sc.steps * 1.03),
+                 title=f"fewest steps to {100 * SOLVED:.0f}% (missing: never reached)")
+    for a in (ax, ax_steps):
+        a.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
+    ax_steps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.suptitle(f"sweep {sc.name} ({sc.input_encoding} input)")
     return save_figure(fig, path)
 
 

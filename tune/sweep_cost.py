@@ -1,0 +1,95 @@
+"""What a sweep would cost on this machine, before running it.
+
+    python tune/sweep_cost.py                 # the full sweep's grid (same flags as tune/lstm_sweep.py)
+    python tune/sweep_cost.py --quick         # the quick preset
+
+For every (model, T, hidden_dim) of the grid it times training steps and one validation pass of the
+trainer's own model, data and optimiser (RMSprop) with torch using --cpus-per-trial threads, then
+projects the trial-time of the sweep: every trial run to --steps (the upper bound; ASHA stops some
+early), hidden_dim drawn uniformly. Ray's start-up and each trial's start (~5-10 s: a fresh worker
+imports torch) are not included. Timings on a shared machine are noisy: each is the median of rounds.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from trainers.cli import parse_config, run_cli
+from trainers.lstm import LSTMConfig, build_model, train_batch, validation_set
+from tune.lstm_sweep import SweepConfig, apply_quick, parse_ints, parse_models
+
+ROUNDS = 3          # timing rounds per point; the median is kept
+STEPS_PER_ROUND = 5  # training steps per round
+
+
+def time_point(cfg: LSTMConfig) -> tuple[float, float]:
+    """(seconds per training step, seconds per validation pass) for one config."""
+    model = build_model(cfg)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    x, y = train_batch(cfg, 0, 1)
+    val_x, _ = validation_set(cfg).tensors
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up (TorchScript profiles its first calls)
+    step_times, eval_times = [], []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        for _ in range(STEPS_PER_ROUND):
+            step()
+        step_times.append((time.perf_counter() - t0) / STEPS_PER_ROUND)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for chunk in val_x.split(1000):
+                model(chunk)
+        eval_times.append(time.perf_counter() - t0)
+    return statistics.median(step_times), statistics.median(eval_times)
+
+
+def main(argv=None) -> dict:
+    sc = apply_quick(parse_config(SweepConfig, argv, description=__doc__.splitlines()[0],
+                                  prog="tune/sweep_cost.py"))
+    torch.set_num_threads(max(1, int(sc.cpus_per_trial)))
+    lengths, hiddens = parse_ints(sc.seq_lengths, "seq_lengths", 2), parse_ints(sc.hidden_dims, "hidden_dims", 1)
+    evals = -(-sc.steps // sc.eval_every)
+    print(f"{'model':>5} {'T':>3} {'H':>4} {'ms/step':>8} {'s/eval':>7} {'trial min':>9}")
+    per_cell: dict[tuple[str, int], float] = {}
+    for model in parse_models(sc.models):
+        for t in lengths:
+            trial_s = []
+            for h in hiddens:
+                cfg = LSTMConfig(model=model, seq_length=t, hidden_dim=h, batch_size=sc.batch_size,
+                                 val_size=sc.val_size, seed=sc.seed)
+                step_s, eval_s = time_point(cfg)
+                trial_s.append(sc.steps * step_s + evals * eval_s)
+                print(f"{model:>5} {t:>3} {h:>4} {1000 * step_s:8.2f} {eval_s:7.3f} {trial_s[-1] / 60:9.1f}",
+                      flush=True)
+            per_cell[model, t] = sc.num_samples * statistics.mean(trial_s)   # hidden_dim drawn uniformly
+    total = sum(per_cell.values())
+    cpus = sc.num_cpus or os.cpu_count() or 1
+    slots = max(1, int(cpus // sc.cpus_per_trial))
+    trials = sc.num_samples * len(per_cell)
+    print(f"{trials} trials x {sc.steps} steps: {total / 3600:.2f} trial-hours (every trial to the end; "
+          f"ASHA stops some early)")
+    for model in parse_models(sc.models):
+        print(f"  {model}: {sum(v for (m, _), v in per_cell.items() if m == model) / 3600:.2f} trial-hours")
+    print(f"  = {total / 3600 / slots:.2f} h of wall time on {cpus} CPUs at {sc.cpus_per_trial:g} per trial "
+          f"({slots} trial(s) at once)")
+    return {"trial_hours": total / 3600, "per_cell_s": per_cell}
+
+
+if __name__ == "__main__":
+    run_cli(main)
