@@ -146,7 +146,7 @@ def test_fid_orders_real_blurred_noise_and_agrees_with_scipy(scorer, real_images
 
 def test_floor_is_ten_thousand_real_training_images(scorer):
     floor = scorer.floor()
-    assert floor["n"] == 10_000 and 0 < floor["fid"] < 2 and floor["classifier_score"] > 9.5
+    assert floor["n"] == 10_000 and 0 < floor["fid"] < 4 and floor["classifier_score"] > 9.5
     assert abs(sum(floor["class_hist"]) - 1) < 1e-3
 
 

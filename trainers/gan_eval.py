@@ -145,7 +145,7 @@ def class_histogram(predictions: Tensor) -> Tensor:
 def histogram_entropy(fractions: Tensor) -> float:
     """Entropy in nats of a class histogram (0 for a single class, ln 10 for uniform)."""
     p = fractions[fractions > 0]
-    return float(-(p * p.log()).sum())
+    return float(-(p * p.log()).sum()) + 0.0   # + 0.0: no "-0.000" for a single class
 
 
 def goal_check(generated: dict, floor: dict) -> dict:
@@ -280,6 +280,7 @@ class Walk:
     predicted: list[int]
     confidence: list[float]
     latent_norm: list[float]
+    end_confidence: tuple[float, float]   # p(wanted digit) of each endpoint image
 
 
 def walk(generator: nn.Module, scorer: Scorer, pair: tuple[int, int], ends: dict, steps: int, mode: str) -> Walk:
@@ -287,7 +288,8 @@ def walk(generator: nn.Module, scorer: Scorer, pair: tuple[int, int], ends: dict
     z = (slerp if mode == "slerp" else lerp)(ends[pair[0]][0], ends[pair[1]][0], t)   # (T, d)
     images = decode(generator, z)
     pred, conf, _ = scorer.classify(images)
-    return Walk(pair, mode, t.tolist(), images, pred.tolist(), conf.tolist(), z.norm(dim=1).tolist())
+    return Walk(pair, mode, t.tolist(), images, pred.tolist(), conf.tolist(), z.norm(dim=1).tolist(),
+                (ends[pair[0]][1], ends[pair[1]][1]))
 
 
 def _show_frames(axes, w: Walk, label_norm: bool) -> None:
@@ -303,7 +305,8 @@ def plot_strip(w: Walk, path: Path) -> Path:
     """One pair's walk: the frames, with predicted digit and confidence over each."""
     fig, axes = plt.subplots(1, len(w.t), figsize=(1.2 * len(w.t), 1.9), squeeze=False)
     _show_frames(axes[0], w, label_norm=False)
-    fig.suptitle(f"{w.mode} walk {w.pair[0]} -> {w.pair[1]} (classifier label and confidence)", fontsize=10)
+    fig.suptitle(f"{w.mode} walk {w.pair[0]} -> {w.pair[1]} (endpoints: p({w.pair[0]})={w.end_confidence[0]:.2f}, "
+                 f"p({w.pair[1]})={w.end_confidence[1]:.2f}); classifier label and confidence per frame", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -346,7 +349,8 @@ def walk_rows(walks: list[Walk]) -> list[list]:
 def print_walks(walks: list[Walk]) -> None:
     for w in walks:
         frames = "  ".join(f"{p}:{c:.2f}" for p, c in zip(w.predicted, w.confidence))
-        print(f"{w.mode:6s} {w.pair[0]}->{w.pair[1]}  {frames}")
+        print(f"{w.mode:6s} {w.pair[0]}->{w.pair[1]}  {frames}   "
+              f"(endpoints p({w.pair[0]})={w.end_confidence[0]:.2f} p({w.pair[1]})={w.end_confidence[1]:.2f})")
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -365,16 +369,16 @@ def plot_class_histogram(generated: dict, floor: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def format_report(generated: dict, floor: dict) -> str:
+def format_report(generated: dict, floor: dict, labels: tuple[str, str] = ("generated", "real floor")) -> str:
     rows = [("FID vs MNIST test (classifier features)", "fid", "{:.3f}"),
             ("classifier score exp(E KL)", "classifier_score", "{:.3f}"),
             ("class-histogram entropy (nats, max 2.303)", "class_entropy", "{:.4f}"),
             ("smallest class fraction", "min_class_frac", "{:.4f}"),
             ("largest class fraction", "max_class_frac", "{:.4f}")]
-    lines = [f"{'metric':44s}{'generated':>12s}{'real floor':>12s}",
+    lines = [f"{'metric':44s}{labels[0]:>12s}{labels[1]:>12s}",
              f"{'images':44s}{generated['n']:>12d}{floor['n']:>12d}"]
     lines += [f"{name:44s}{fmt.format(generated[k]):>12s}{fmt.format(floor[k]):>12s}" for name, k, fmt in rows]
-    for label, m in (("generated", generated), ("real floor", floor)):
+    for label, m in zip(labels, (generated, floor)):
         lines.append(f"class fractions 0-9 ({label}): " + " ".join(f"{h:.3f}" for h in m["class_hist"]))
     return "\n".join(lines)
 
@@ -531,3 +535,36 @@ def interpolate_main(argv: Sequence[str] | None = None) -> list[Walk]:
         tracker.finish()
     print("wrote " + ", ".join(str(p) for p in figures.values()))
     return walks
+
+
+# --- the real-data floor on its own: python -m trainers.gan_eval --------------------------------
+
+def floor_main(argv: Sequence[str] | None = None) -> dict:
+    """Print the floor (10,000 real training images vs the test set) and what each piece costs."""
+    import argparse
+    import time
+
+    from models.dcgan import Generator
+
+    parser = argparse.ArgumentParser(prog="python -m trainers.gan_eval", description=floor_main.__doc__)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    torch.set_num_threads(parser.parse_args(argv).threads)
+    t0 = time.perf_counter()
+    scorer = Scorer("cpu")
+    t1 = time.perf_counter()
+    floor = scorer.floor()
+    t2 = time.perf_counter()
+    generator = Generator(base_channels=16).eval()      # the cpu-demo width, untrained
+    stage = stage_metrics(generator, "cpu")
+    t3 = time.perf_counter()
+    small = scorer.floor(STAGE_SAMPLES)
+    print(f"real-data floor: {FLOOR_SAMPLES:,} MNIST training images (fixed random subset) vs the 10,000 test images")
+    print(format_report(floor, small, ("n=10,000", "n=2,000")))
+    print(f"cost on {torch.get_num_threads()} thread(s): test-set statistics {t1 - t0:.1f}s, floor {t2 - t1:.1f}s, "
+          f"one stage_metrics call ({STAGE_SAMPLES:,} samples of an untrained b=16 generator) {t3 - t2:.1f}s")
+    print("stage_metrics of the untrained generator: " + ", ".join(f"{k} {v:.3f}" for k, v in stage.items()))
+    return floor
+
+
+if __name__ == "__main__":
+    floor_main()
