@@ -217,6 +217,21 @@ def test_training_hooks_write_final_numbers_and_walk_figures(tiny_run):
         assert (run_dir / "figures" / f"{name}.png").is_file(), name
 
 
+def test_stage_metrics_leave_the_training_state_alone(scorer, monkeypatch):
+    """The trainer calls this mid-run: no global RNG draws (resume must stay bit-exact), mode restored."""
+    from models.dcgan import Generator
+    monkeypatch.setattr(ge, "STAGE_SAMPLES", 200)
+    g = Generator(base_channels=2).train()
+    before = [p.detach().clone() for p in g.parameters()], [b.clone() for b in g.buffers()]
+    rng = torch.get_rng_state()
+    numbers = ge.stage_metrics(g, "cpu")
+    assert torch.equal(rng, torch.get_rng_state()) and g.training
+    assert all(torch.equal(a, b) for a, b in zip(before[0], g.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], g.buffers()))   # BatchNorm stats untouched
+    assert set(numbers) == {"eval/fid", "eval/classifier_score", "eval/class_entropy", "eval/min_class_frac",
+                            "eval/max_class_frac"} and all(math.isfinite(v) for v in numbers.values())
+
+
 def numbers(text: str) -> dict:
     """metric name -> (generated, floor) from the printed report."""
     out = {}

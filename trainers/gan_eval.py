@@ -206,14 +206,13 @@ def score_generator(generator: nn.Module, scorer: Scorer, n: int, seed: int = 0)
 
 
 def stage_metrics(generator: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Cheap metrics for one training stage: 2,000 samples, with the FID floor at the same n
-    (FID is biased upwards at small n, so the ratio is the number to compare across n)."""
-    scorer = scorer_for(str(device))
-    m = score_generator(generator, scorer, STAGE_SAMPLES)
-    floor_fid = scorer.floor(STAGE_SAMPLES)["fid"]
-    return {"eval/fid": m["fid"], "eval/fid_over_floor": m["fid"] / floor_fid,
-            "eval/classifier_score": m["classifier_score"], "eval/class_entropy": m["class_entropy"],
-            "eval/min_class_frac": m["min_class_frac"], "eval/max_class_frac": m["max_class_frac"]}
+    """Cheap metrics for one training stage, from 2,000 samples. FID is biased upwards at small n
+    (the real-data floor is 4.5 at n=2,000 and 1.9 at n=10,000), so stage FIDs show the trend;
+    the goal is judged on the final 10,000-sample numbers."""
+    m = score_generator(generator, scorer_for(str(device)), STAGE_SAMPLES)
+    return {"eval/fid": m["fid"], "eval/classifier_score": m["classifier_score"],
+            "eval/class_entropy": m["class_entropy"], "eval/min_class_frac": m["min_class_frac"],
+            "eval/max_class_frac": m["max_class_frac"]}
 
 
 # --- latent walks ---------------------------------------------------------------------------
