@@ -44,6 +44,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for row in args.rows.split(","):
             m = train(config_for(row, tmp, args.steps))
+            if not m["finished"]:  # SIGTERM/SIGINT: the trainer checkpointed and returned early
+                sys.exit(f"stopped during {row}")
             results.append({"row": row, "val_acc": m["val/acc"], "val_loss": m["val/loss"],
                             "steps": m["steps"], "wall_s": m["wall_time_s"]})
             print(f"{row:>12}  val/acc {m['val/acc']:.4f}  val/loss {m['val/loss']:.4f}  "
