@@ -102,27 +102,32 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
     assert "| LSTM |" in capsys.readouterr().out
 
 
-class InterruptOnce(Callback):
-    """Ctrl-C, as Tune sees it (SIGUSR1 takes the same path), once a trial has finished and the
-    next one is half-way. The flag file keeps it from firing again after Tuner.restore."""
+class Chaos(Callback):
+    """Two one-shot faults (flag files keep them from firing again after Tuner.restore, which
+    restores the callbacks too): the first trial's worker is SIGKILLed after its step-20 report (a
+    crash that FailureConfig retries), and once a trial has finished, the next step-30 report is
+    followed by Ctrl-C as Tune sees it (SIGUSR1 takes the same path as SIGINT)."""
 
-    def __init__(self, flag: Path, at_step: int):
-        self.flag, self.at_step = str(flag), at_step
+    def __init__(self, folder: Path):
+        self.kill_flag, self.stop_flag = str(folder / "killed"), str(folder / "interrupted")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        finished = any(t.status == "TERMINATED" for t in trials)
-        if finished and result["step"] >= self.at_step and not os.path.exists(self.flag):
-            Path(self.flag).touch()
+        if result["step"] == 20 and not os.path.exists(self.kill_flag):
+            Path(self.kill_flag).touch()
+            os.kill(result["pid"], signal.SIGKILL)
+        elif (result["step"] == 30 and any(t.status == "TERMINATED" for t in trials)
+              and not os.path.exists(self.stop_flag)):
+            Path(self.stop_flag).touch()
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_interrupted_sweep_resumes_and_runs_each_trial_once(ray_session, tmp_path):
-    # cpus_per_trial=2 on 2 CPUs: one trial at a time, so the interrupt lands at a known place:
-    # the first trial has finished and the second has reported step 20 of 40.
+def test_crashed_and_interrupted_trials_resume_and_each_runs_once(ray_session, tmp_path):
+    # cpus_per_trial=2 on 2 CPUs: one trial at a time, so the faults land at known places.
     sc = SweepConfig(models="lstm", seq_lengths="3,4", **{**TINY, "steps": 40}, cpus_per_trial=2,
                      wandb=False, out_dir=str(tmp_path), name="cut")
-    first = run_sweep(sc, callbacks=[InterruptOnce(tmp_path / "fired", at_step=20)], verbose=0)
-    assert (tmp_path / "fired").exists() and first["unfinished"] >= 1
+    first = run_sweep(sc, callbacks=[Chaos(tmp_path)], verbose=0)
+    assert (tmp_path / "killed").exists() and (tmp_path / "interrupted").exists()
+    assert first["unfinished"] == 1
     sweep = first["sweep_dir"]
     assert not (sweep / "results.csv").exists()            # no table from half a sweep
 
@@ -139,10 +144,12 @@ def test_interrupted_sweep_resumes_and_runs_each_trial_once(ray_session, tmp_pat
         # each step reported once: no trial was rerun or restarted from scratch
         assert [rep["step"] for rep in tune_reports(sweep, r["trial_id"])] == [10, 20, 30, 40]
         starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
-        assert starts[0] == 0 and all(s > 0 for s in starts[1:]) and starts == sorted(set(starts))
+        assert starts == sorted(set(starts))
         attempts[int(r["seq_length"])] = starts
-    assert attempts[3] == [0]             # finished before the interrupt: not rerun
-    assert attempts[4] == [0, 20]         # interrupted after its step-20 report: resumed from there
+    assert attempts[3][:2] == [0, 20]     # killed after its step-20 report: retried from there
+    # one start from scratch per trial, plus exactly the two resumes (after the crash, after Ctrl-C);
+    # the trial that had finished before Ctrl-C was not run again by --resume
+    assert sorted(s for starts in attempts.values() for s in starts) == [0, 0, 20, 30]
 
 
 def test_asha_stops_trials_only_against_their_own_grid_point():
