@@ -71,7 +71,11 @@ class Scorer:
     """The shipped classifier and the FID statistics of the 10,000 MNIST test images."""
 
     def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+        except ImportError:
+            raise UsageError("the GAN metrics need torchmetrics (`pip install torchmetrics`); "
+                             "or train with --no-eval-metrics") from None
         from trainers.classifier import load_classifier
 
         self.device = torch.device(device)
