@@ -15,7 +15,8 @@ The training step is the trainer's: forward, cross-entropy, zero_grad, backward,
 norm at 10, ``RMSprop.step``. The variants run interleaved, round after round, and the table shows
 medians, so a busy machine slows them all alike. The matmul peak of the machine (a 1024^3 matmul in
 the same precision) is measured in the same rounds.
-Memory: the bytes autograd saves for the backward pass (every device), and on CUDA the peak
+Memory: "saved MB" is what one training forward keeps for its backward (the tensors autograd
+saves, plus the fused layer's workspace buffers), on every device; on CUDA also the peak
 allocated memory of one training step.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.lstm import GATES, LSTM
+from models.lstm import LSTM, WORKSPACE
 
 INPUT_DIM = 10      # one-hot digits, as in the trainer
 NUM_CLASSES = 10
@@ -161,8 +162,10 @@ def make_step(bench: Bench, model: nn.Module, x, y):
 
 
 def saved_bytes(bench: Bench, model: nn.Module, x, y) -> int:
-    """Bytes of the tensors autograd keeps for backward in one training forward (distinct storages)."""
+    """Bytes kept from the forward for the backward of one training step: the tensors autograd
+    saves (distinct storages), plus the workspace buffers the fused layer holds for its backward."""
     seen: dict[tuple, int] = {}
+    lent_before = WORKSPACE.lent_bytes
 
     def pack(t):
         if t.device.type != "meta":
@@ -173,9 +176,10 @@ def saved_bytes(bench: Bench, model: nn.Module, x, y) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with bench.autocast():
             loss = F.cross_entropy(model(x).float(), y)
+    workspace = WORKSPACE.lent_bytes - lent_before
     loss.backward()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+    return workspace + sum(n for (ptr, _), n in seen.items() if ptr not in params)
 
 
 def cuda_peak_bytes(bench: Bench, step) -> int | None:

@@ -16,10 +16,14 @@ the report's orientation (``x @ W_gx`` with ``W_gx: (D, H)``).
 Backends:
 - ``"script"`` (default): the fused layer. ``LSTMFunction`` is a ``torch.autograd.Function``
   whose forward and backward (back-propagation through time written out by hand) are
-  TorchScript functions: all the input projections in one matmul, then per step one matmul
-  and one pointwise block; backward forms the four gates' gradients per step and dh with one
-  matmul, then every weight gradient with one matmul after the loop.
+  TorchScript functions. Forward: per step one matmul, ``[x_t | h_{t-1}] @ [W_x; W_h]``, and one
+  pointwise block that also stores the local derivatives the backward needs. Backward: a
+  reverse loop that forms the four gates' gradients per step and dh with one matmul, then the
+  weight gradients of all steps with one matmul. Buffers are reused across calls (``Workspace``).
 - ``"eager"``: the plain Python loop with autograd, the reference.
+
+Under autocast (bf16 on CPU or GPU, fp16 on GPU) the fused layer runs its whole recurrence in
+autocast's dtype; the eager loop follows autocast op by op (matmuls low, pointwise fp32).
 """
 from __future__ import annotations
 
@@ -66,25 +70,28 @@ def compute_dtype(x: Tensor, param: Tensor) -> torch.dtype:
 class Workspace:
     """Reusable buffers for the fused layers, handed out per call and given back after backward.
 
-    Why: on this kind of machine a fresh multi-MB tensor costs a page fault per 4 KiB on first
-    touch, which measured as the largest single cost of a training step (more than the matmuls).
-    A buffer comes back to the pool only when the layer is done with it (end of backward, or end
-    of a no-grad forward); buffers of a graph that is never back-propagated are simply freed.
+    Why: on the dev machine a fresh multi-MB tensor costs a page fault per 4 KiB on first touch;
+    before this pool that was the largest single cost of a training step, above the matmuls.
+    A buffer comes back only when nothing can read it any more: at the end of a no-grad forward,
+    or when autograd frees the node that saved it (after backward, once the graph is dropped;
+    ``retain_graph`` keeps it out of the pool as long as the graph lives).
     """
 
     def __init__(self, max_keys: int = 8):
         self.free: dict[tuple, list[Tensor]] = {}
         self.max_keys = max_keys   # distinct (shape, dtype, device) kept, most recent first
+        self.lent_bytes = 0        # bytes handed out and not yet given back (benchmarks read it)
 
     def take(self, shape: Tuple[int, ...], like: Tensor) -> Tensor:
         key = (tuple(shape), like.dtype, like.device)
         stack = self.free.get(key)
-        if stack:
-            return stack.pop()
-        return like.new_empty(shape)
+        buf = stack.pop() if stack else like.new_empty(shape)
+        self.lent_bytes += buf.nbytes
+        return buf
 
     def give(self, *buffers: Tensor) -> None:
         for buf in buffers:
+            self.lent_bytes -= buf.nbytes
             key = (tuple(buf.shape), buf.dtype, buf.device)
             self.free.setdefault(key, []).append(buf)
             self.free[key] = self.free.pop(key)[-2:]          # keep two per key, move it to the end
