@@ -252,12 +252,15 @@ def lstm_loop(xw: Tensor, W_h: Tensor, keep_states: bool) -> Tuple[Tensor, List[
     h = xw.new_zeros(B, H)
     c = xw.new_zeros(B, H)
     steps: List[List[Tensor]] = [[], [], [], [], [], []]
-    for t in range(L):
-        gates = xw[:, t] + h @ W_h                        # (B, 4H)
-        g = torch.tanh(gates[:, 0 * H:1 * H])             # (1)
-        i = torch.sigmoid(gates[:, 1 * H:2 * H])          # (2)
-        f = torch.sigmoid(gates[:, 2 * H:3 * H])          # (3)
-        o = torch.sigmoid(gates[:, 3 * H:4 * H])          # (4)
+    # unbind/chunk rather than xw[:, t] and gates[:, k*H:(k+1)*H]: their backward assembles the
+    # gradient once, where indexing would add a zero-filled (B, L, 4H) tensor per step.
+    for xw_t in xw.unbind(1):
+        gates = xw_t + h @ W_h                            # (B, 4H)
+        z_g, z_i, z_f, z_o = gates.chunk(4, dim=1)        # each (B, H)
+        g = torch.tanh(z_g)                               # (1)
+        i = torch.sigmoid(z_i)                            # (2)
+        f = torch.sigmoid(z_f)                            # (3)
+        o = torch.sigmoid(z_o)                            # (4)
         c = g * i + c * f                                 # (5)
         h = torch.tanh(c) * o                             # (6)
         if keep_states:

@@ -19,8 +19,8 @@ def rnn_loop(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[
     B, L, H = xw.shape
     h = xw.new_zeros(B, H)
     hs: List[Tensor] = []
-    for t in range(L):
-        h = torch.tanh(xw[:, t] + h @ W_hh)   # (B, H)
+    for xw_t in xw.unbind(1):                # unbind: one gradient assembly, not one per step
+        h = torch.tanh(xw_t + h @ W_hh)       # (B, H)
         if keep_states:
             hs.append(h)
     states: List[Tensor] = []
