@@ -58,6 +58,8 @@ class LSTMConfig:
     steps: int = arg(10_000, "training steps", "optimisation")
     clip_norm: float = arg(10.0, "max gradient norm (0 turns clipping off)", "optimisation")
     mixed_precision: str = arg("no", "autocast precision", "optimisation", MIXED_PRECISION)
+    num_threads: int = arg(0, "torch CPU threads per process (0: torch's default); 1 avoids OpenMP "
+                              "spin-waits when other jobs share the cores", "optimisation")
     # evaluation and logging
     eval_every: int = arg(500, "steps between validation passes", "evaluation")
     log_every: int = arg(50, "steps between train/* scalars", "evaluation")
@@ -81,6 +83,7 @@ class LSTMConfig:
                      "checkpoint_every", "keep_checkpoints"):
             require_at_least(getattr(self, name), 1, name)
         require_non_negative(self.clip_norm, "clip_norm")
+        require_at_least(self.num_threads, 0, "num_threads")
         if not math.isfinite(self.forget_bias):
             raise UsageError(f"--forget-bias must be finite, got {self.forget_bias}")
 
@@ -215,6 +218,8 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
     check_run_dir_is_free(run_dir, cfg.resume)
     resume_from = latest_checkpoint(ckpt_dir) if cfg.resume else None
 
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb, run_dir)
     rank, config = accelerator.process_index, asdict(cfg)
     model = build_model(cfg)
