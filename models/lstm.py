@@ -230,6 +230,7 @@ class LSTMFunction(torch.autograd.Function):
         return h_last, h_seq, acts, c
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # the hand-written BPTT has no graph of its own
     def backward(ctx, dh_last, dh_seq=None, _dacts=None, _dc=None):
         W_x, W_h = ctx.saved_tensors
         xh, acts, dz_dc, dc_dh = ctx.buffers
