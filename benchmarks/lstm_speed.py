@@ -212,14 +212,21 @@ def run_size(bench: Bench, size, variants, rounds: int, warmup: int, log) -> tup
     y = torch.randint(0, NUM_CLASSES, (B,), generator=gen).to(device)
 
     models, steps, compile_s = {}, {}, {}
-    for v in variants:
-        models[v] = build(v, reference, device)
-        steps[v] = make_step(bench, models[v], x, y)
+    for v in list(variants):
         t0 = time.perf_counter()
-        for _ in range(warmup):           # also compiles (compile, script's profiling runs)
-            steps[v][0]()
-            steps[v][1]()
-        bench.sync()
+        try:
+            models[v] = build(v, reference, device)
+            steps[v] = make_step(bench, models[v], x, y)
+            for _ in range(warmup):           # also compiles (compile, script's profiling runs)
+                steps[v][0]()
+                steps[v][1]()
+            bench.sync()
+        except Exception as err:              # e.g. torch.compile without a working toolchain
+            if v != "compile":
+                raise
+            log(f"  compile: failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); left out")
+            variants = [u for u in variants if u != v]
+            continue
         compile_s[v] = time.perf_counter() - t0
         log(f"  {v}: built and warmed up in {compile_s[v]:.1f}s")
 
