@@ -38,9 +38,16 @@ def log_with(use_wandb: bool) -> list[str] | None:
 
 
 class NullTracker:
-    """Does nothing, so the loop never checks whether tracking is on."""
+    """Does nothing, so the loop never checks whether tracking is on.
+
+    Given the run's ``accelerator``, ``finish()`` still ends it (``end_training`` tears down the
+    process group), so that every rank, tracking or not, leaves the group the same way.
+    """
 
     run_dir: Path | None = None
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         pass
@@ -52,14 +59,15 @@ class NullTracker:
         pass
 
     def finish(self) -> None:
-        pass
+        if self.accelerator is not None:
+            self.accelerator.end_training()
 
 
 class WandbTracker(NullTracker):
     """Logs through ``accelerator.log`` (main process only, as Accelerate does)."""
 
     def __init__(self, accelerator):
-        self.accelerator = accelerator
+        super().__init__(accelerator)
         self.run = accelerator.get_tracker("wandb", unwrap=True)
         self.run_dir = Path(self.run.dir).parent  # .../wandb/offline-run-*/
 
@@ -74,15 +82,12 @@ class WandbTracker(NullTracker):
         import wandb
         self.accelerator.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
-    def finish(self):
-        self.accelerator.end_training()
-
 
 def start_tracker(accelerator, project: str, run_name: str, config: dict, run_dir: Path,
                   group: str | None = None):
     """Start the run's tracker: wandb on the main process if the Accelerator logs to it."""
     if not accelerator.is_main_process or not accelerator.log_with:
-        return NullTracker()
+        return NullTracker(accelerator)
     os.environ.setdefault("WANDB_SILENT", "true")
     run_dir.mkdir(parents=True, exist_ok=True)
     init = {"name": run_name, "dir": str(run_dir), "mode": wandb_mode()}
