@@ -1,8 +1,8 @@
 """Images/s of trainers/gan.py's loop against a plain PyTorch loop (no Accelerate), same run.
 
-    python benchmarks/gan_speed.py                       # cpu-demo width/batch, fp32, 1 thread
-    python benchmarks/gan_speed.py --variants all        # + channels_last, torch.compile, batch sizes
-    python benchmarks/gan_speed.py --base-channels 16 --batch-size 64 --steps 60 --rounds 5
+    python benchmarks/gan_speed.py                       # cpu-demo's width, batch 32, bf16, 1 thread
+    python benchmarks/gan_speed.py --variants all        # + channels_last, torch.compile, batch sizes, fp32
+    python benchmarks/gan_speed.py --mixed-precision no --batch-size 64 --steps 60 --rounds 5
 
 Both loops train the same model (``models/dcgan.py``) on the same batches, noise and
 precision, and their weights agree (``tests/test_gan.py`` checks this against
@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
@@ -73,31 +74,31 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
 
 
 def trainer_images_per_s(cfg: GANConfig, out_dir: str, name: str) -> float:
-    metrics = train(make_config(cfg.preset, **{**cfg.__dict__, "out_dir": out_dir, "run_name": name}))
+    metrics = train(replace(cfg, out_dir=out_dir, run_name=name))
     return metrics["train_images_per_s"]
 
 
 def variants(base: GANConfig, which: str) -> dict[str, tuple[GANConfig, str]]:
     """name -> (config, loop): loop is "trainer", "plain" or "plain+compile"."""
     out = {"plain": (base, "plain"), "trainer": (base, "trainer"),
-           "trainer + EMA": (make_config(base.preset, **{**base.__dict__, "ema_decay": 0.999}), "trainer")}
+           "trainer + EMA": (replace(base, ema_decay=0.999), "trainer")}
     if which == "all":
-        cl = make_config(base.preset, **{**base.__dict__, "channels_last": True})
+        cl = replace(base, channels_last=True)
         out["trainer channels_last"] = (cl, "trainer")
         out["plain torch.compile"] = (base, "plain+compile")
-        for bs in (32, 128):
-            other = make_config(base.preset, **{**base.__dict__, "batch_size": bs})
-            out[f"trainer batch {bs}"] = (other, "trainer")
-        bf16 = make_config(base.preset, **{**base.__dict__, "mixed_precision": "bf16"})
-        out["trainer bf16"] = (bf16, "trainer")
-        out["plain bf16"] = (bf16, "plain")
+        for bs in (64, 128):
+            out[f"trainer batch {bs}"] = (replace(base, batch_size=bs), "trainer")
+        other = "no" if base.mixed_precision == "bf16" else "bf16"
+        out[f"trainer {other}"] = (replace(base, mixed_precision=other), "trainer")
+        out[f"plain {other}"] = (replace(base, mixed_precision=other), "plain")
     return out
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-channels", type=int, default=16, help="width b (cpu-demo's)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per iteration (cpu-demo's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per iteration (cpu-demo's)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="autocast (cpu-demo's)")
     p.add_argument("--steps", type=int, default=40, help="timed iterations per variant and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu-demo's)")
@@ -107,12 +108,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     base = make_config("cpu-demo", base_channels=args.base_channels, batch_size=args.batch_size,
                        max_steps=args.steps, wandb=False, progress=False, eval_metrics=False,
-                       stages="0", checkpoint_every=10 ** 9, num_threads=args.threads, ema_decay=0.0)
+                       stages="0", checkpoint_every=10 ** 9, num_threads=args.threads, ema_decay=0.0,
+                       mixed_precision=args.mixed_precision)
     table = variants(base, args.variants)
     speeds: dict[str, list[float]] = {k: [] for k in table}
     ratios: dict[str, list[float]] = {k: [] for k in table}
     images = load_train_images(base)
-    print(f"threads {torch.get_num_threads()}, b={args.base_channels}, batch {args.batch_size}, "
+    print(f"threads {torch.get_num_threads()}, b={args.base_channels}, batch {args.batch_size}, {args.mixed_precision}, "
           f"{args.steps} iterations x {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):

@@ -26,9 +26,9 @@ from trainers.tracking import read_offline_run
 
 # a few seconds per run: b=4, 512 images, batches of 32 -> 16 iterations per epoch
 TINY = dict(preset="cpu-demo", base_channels=4, batch_size=32, train_subset=512, epochs=2, stages="0,1,2",
-            wandb=False, progress=False, eval_metrics=False, checkpoint_every=8, log_every=4)
+            mixed_precision="no", wandb=False, progress=False, eval_metrics=False, checkpoint_every=8, log_every=4)
 TINY_FLAGS = ["--preset", "cpu-demo", "--base-channels", "4", "--batch-size", "32", "--train-subset", "512",
-              "--no-progress", "--no-eval-metrics", "--log-every", "4"]
+              "--mixed-precision", "no", "--no-progress", "--no-eval-metrics", "--log-every", "4"]
 
 
 def tiny(tmp_path, **kw) -> GANConfig:
@@ -116,15 +116,16 @@ def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path):
-    cfg = tiny(tmp_path, run_name="ref", max_steps=20, ema_decay=0.0, stages="0")
+@pytest.mark.parametrize("precision,steps,tol", [("no", 20, 1e-6)])
+def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path, precision, steps, tol):
+    cfg = tiny(tmp_path, run_name="ref", max_steps=steps, ema_decay=0.0, stages="0", mixed_precision=precision)
     train(cfg)
-    G, D, _ = plain_train(cfg, load_train_images(cfg), 20)
-    ckpt = tmp_path / "ref" / "checkpoints" / "step_00000020"
+    G, D, _ = plain_train(cfg, load_train_images(cfg), steps)
+    ckpt = tmp_path / "ref" / "checkpoints" / f"step_{steps:08d}"
     for model, file in ((G, "model.safetensors"), (D, "model_1.safetensors")):
         saved = load_file(ckpt / file)
         for k, v in model.state_dict().items():
-            assert torch.allclose(saved[k], v, rtol=1e-5, atol=1e-6), (file, k)
+            assert torch.allclose(saved[k], v, rtol=10 * tol, atol=tol), (file, k, (saved[k] - v).abs().max())
 
 
 def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):
