@@ -110,7 +110,7 @@ def main() -> None:
             one, two = statistics.median(samples[1]), statistics.median(samples[2])
             results[trainer] = {"1proc_samples_per_s": one, "2proc_samples_per_s": two, "ratio": two / one,
                                 "rounds": args.rounds}
-    print(f"\n| trainer | 1 process (samples/s) | 2 processes (samples/s) | ratio |\n|---|---|---|---|")
+    print("\n| trainer | 1 process (samples/s) | 2 processes (samples/s) | ratio |\n|---|---|---|---|")
     for trainer, r in results.items():
         print(f"| {trainer} | {r['1proc_samples_per_s']:.0f} | {r['2proc_samples_per_s']:.0f} | {r['ratio']:.2f}x |")
     if args.json:

@@ -13,7 +13,6 @@ the weights; ``trainers.classifier.load_classifier`` loads them with their check
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 NUM_CLASSES = 10      # digits 0-9

@@ -10,13 +10,6 @@ from trainers.classifier import DEFAULT_WEIGHTS, RETRAIN, load_classifier, main,
 from trainers.cli import UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads spin-wait and run slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_committed_weights_reach_99_percent_on_every_test_image():

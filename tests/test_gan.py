@@ -18,7 +18,7 @@ from torch import nn
 
 from benchmarks.gan_speed import plain_train
 from conftest import ROOT, clean_env, run_script
-from models.dcgan import Discriminator, GlobalBatchNorm2d, Generator
+from models.dcgan import Discriminator, Generator
 from trainers.cli import UsageError, run_cli
 from trainers.gan import (GANConfig, epoch_batches, generate, load_generator, load_train_images, main,
                           make_config, parse_train_args, train)

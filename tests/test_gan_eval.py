@@ -20,13 +20,6 @@ from trainers.cli import UsageError, run_cli
 from trainers.tracking import read_offline_run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads spin-wait and run slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- SLERP ------------------------------------------------------------------------------------

@@ -18,14 +18,6 @@ from trainers.runtime import make_accelerator
 DEVICE = torch.device(os.environ.get("PALGAN_TEST_DEVICE", "cpu"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These sizes are tiny: on a busy 2-core machine a second thread only adds barrier waits
-    (bf16 matmuls measured 10-20 ms instead of 0.04 ms). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def batch(seed: int, n: int = 64, length: int = 6):

@@ -25,14 +25,6 @@ if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
     torch.backends.cudnn.allow_tf32 = False
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These sizes are tiny: on a busy 2-core machine a second thread only adds barrier waits
-    (bf16 matmuls measured 10-20 ms instead of 0.04 ms). Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LENGTHS = (1, 2, 7, 23, 50)

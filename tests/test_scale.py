@@ -6,7 +6,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import ROOT, clean_env, run_script
 from trainers.lstm import LSTMConfig, train_batch
