@@ -554,7 +554,7 @@ def train(cfg: GANConfig) -> dict:
         metrics.update(finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, device, tracker))
         write_json_atomic(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
-    tracker.finish()   # on the main process this also ends the process group: no collective after it
+    tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
     return metrics
 
 
