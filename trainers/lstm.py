@@ -180,7 +180,7 @@ def plot_gates(model, cfg: LSTMConfig, path: Path) -> Path:
              f"{logits.argmax(1).item()} (target {y.item()})")
     if "i" not in s:  # the RNN has no gates: show its hidden state only
         fig, ax = plt.subplots(figsize=(7, 4))
-        im = ax.imshow(s["h"].T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+        im = ax.imshow(s["h"].T, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set(xticks=list(steps), xticklabels=ticks, ylabel="hidden unit", title=title)
         fig.colorbar(im, ax=ax, label="h")
         return save_figure(fig, path)
@@ -200,10 +200,11 @@ def plot_gates(model, cfg: LSTMConfig, path: Path) -> Path:
     ax.grid(alpha=0.3)
     for ax, key in zip(axes[1, 1:], ("c", "h")):
         lim = float(s[key].abs().max()) or 1.0
-        im = ax.imshow(s[key].T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        im = ax.imshow(s[key].T, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set(title=f"{key} per hidden unit", ylabel="unit", xticks=list(steps), xticklabels=ticks)
         fig.colorbar(im, ax=ax)
     fig.suptitle(title)
+    fig.subplots_adjust(hspace=0.45)
     return save_figure(fig, path)
 
 
