@@ -116,7 +116,7 @@ def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
 
 # --- the loop ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision,steps,tol", [("no", 20, 1e-6)])
+@pytest.mark.parametrize("precision,steps,tol", [("no", 20, 1e-6), ("bf16", 6, 1e-6)])
 def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path, precision, steps, tol):
     cfg = tiny(tmp_path, run_name="ref", max_steps=steps, ema_decay=0.0, stages="0", mixed_precision=precision)
     train(cfg)

