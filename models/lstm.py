@@ -20,6 +20,9 @@ Backends:
   pointwise block that also stores the local derivatives the backward needs. Backward: a
   reverse loop that forms the four gates' gradients per step and dh with one matmul, then the
   weight gradients of all steps with one matmul. Buffers are reused across calls (``Workspace``).
+  On CPU in float32/float64 each step's pointwise block is one call of a fused C++ kernel
+  (``models/csrc/lstm_cell.cpp``, built on first use, see ``models/lstm_kernels.py``); on GPU,
+  in bf16/fp16, or without a C++ compiler it is written in TorchScript ops.
 - ``"eager"``: the plain Python loop with autograd, the reference.
 
 Under autocast (bf16 on CPU or GPU, fp16 on GPU) the fused layer runs its whole recurrence in
@@ -34,6 +37,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from models import lstm_kernels
 
 GATES = ("g", "i", "f", "o")
 BACKENDS = ("script", "eager")
@@ -160,7 +165,7 @@ def lstm_forward(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, xh: Tensor, act
 def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
                   xh: Tensor, acts: Tensor, dz_dc: Tensor, dc_dh: Tensor, dz: Tensor,
                   need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Back-propagation through time for ``lstm_forward``, into the buffer ``dz (L, B, 4, H)``.
+    """Back-propagation through time for ``lstm_forward``, into the buffer ``dz (L, B, 4H)``.
 
     ``dh_seq (L, B, H)`` is the gradient reaching every h_t from outside, ``dh_last (B, H)`` the
     one reaching h_L (either may be None). Returns dL/dx (time-major), dL/dW_x, dL/dW_h, dL/db.
@@ -170,7 +175,8 @@ def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tens
     D = W_x.shape[0]
     f = acts[:, :, 2 * H:3 * H]
     W_hT = W_h.t().contiguous()
-    dz_flat = dz.view(L, B, 4 * H)
+    dz_flat = dz
+    dz = dz.view(L, B, 4, H)
     dh = xh.new_zeros(B, H)
     if dh_last is not None:
         dh = dh_last
@@ -196,12 +202,94 @@ def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tens
     return dx, dW[:D], dW[D:], db
 
 
+def lstm_forward_cpu(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, W: Tensor, xh: Tensor, acts: Tensor,
+                     c: Tensor, tanh_c: Tensor) -> None:
+    """``lstm_forward`` with each step's pointwise block as one call of the C++ kernel
+    ``palgan::lstm_cell_forward``, which also adds the bias and writes the next matmul's input
+    row ``[x_{t+1} | h_t]``. ``W (D+H, 4H)`` is a buffer for ``[W_x; W_h]``. Fills xh, acts, c
+    and tanh_c as ``lstm_forward`` does (the backward recomputes its local derivatives from
+    them), or, when they are rings of 2, 1, 2 and 1 rows (inference), cycles through them."""
+    L, B, D = x.shape
+    torch.cat([W_x, W_h], out=W)                             # (D+H, 4H)
+    b = b.contiguous()
+    xh[0, :, :D].copy_(x[0])
+    xh[0, :, D:].zero_()                                     # h_0 = 0
+    c[0].zero_()                                             # c_0 = 0
+    R, A = xh.shape[0], acts.shape[0]                        # L+1 and L, or rings of 2 and 1
+    for t in range(L):
+        torch.mm(xh[t % R], W, out=acts[t % A])              # x_t W_x + h_{t-1} W_h: (B, 4H)
+        torch.ops.palgan.lstm_cell_forward(acts, b, c, tanh_c, xh, x, t)   # + b, eqs 1-6
+
+
+def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
+                      xh: Tensor, acts: Tensor, c: Tensor, tanh_c: Tensor, dz: Tensor, W_hT: Tensor,
+                      db_parts: Tensor, dW: Tensor, need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """Back-propagation through time for ``lstm_forward_cpu``, each step's pointwise block one call
+    of ``palgan::lstm_cell_backward``.
+
+    The gate gradients live in ``dz (K, B, 4H)``, a ring of the last K steps small enough to stay
+    in cache: each time K steps are done, their share of the weight gradient is added in one
+    matmul, ``dW += [x_t | h_{t-1}]^T dz_t`` over those steps. ``W_hT (4H, H)``, ``db_parts
+    (P, 4H)`` and ``dW (D+H, 4H)`` are buffers too. Returns dL/dx, dL/dW_x, dL/dW_h, dL/db."""
+    L, B, H4 = acts.shape
+    H = H4 // 4
+    D = W_x.shape[0]
+    K = dz.shape[0]
+    W_hT.copy_(W_h.t())                                      # (4H, H)
+    db_parts.zero_()
+    dW.zero_()
+    dx = xh.new_empty(L, B, D) if need_dx else xh.new_empty(0)
+    dc = xh.new_zeros(B, H)                                  # reaches c_t through c_{t+1}
+    dh = xh.new_zeros(B, H)                                  # reaches h_t
+    if dh_last is not None:
+        dh.copy_(dh_last)
+    if dh_seq is not None:
+        dh.add_(dh_seq[L - 1])
+    for t in range(L - 1, -1, -1):
+        if t < L - 1:                                        # dh_t = (from outside) + dz_{t+1} W_h^T
+            if dh_seq is not None:
+                torch.addmm(dh_seq[t], dz[(t + 1) % K], W_hT, out=dh)
+            else:
+                torch.mm(dz[(t + 1) % K], W_hT, out=dh)
+        torch.ops.palgan.lstm_cell_backward(acts, c, tanh_c, dh, dc, dz, db_parts, t)   # dz_t, db; dc <- dc_t f_t
+        if t % K == 0:                                       # steps t .. t+n-1 sit in dz[0:n]
+            n = min(K, L - t)
+            dz_chunk = dz[:n].view(n * B, 4 * H)
+            dW.addmm_(xh[t:t + n].view(n * B, D + H).t(), dz_chunk)   # += sum [x | h_{t-1}]^T dz
+            if need_dx:
+                torch.mm(dz_chunk, W_x.t(), out=dx[t:t + n].view(n * B, D))
+    db = db_parts.sum(0)
+    return (dx if need_dx else None), dW[:D].clone(), dW[D:].clone(), db
+
+
+DZ_RING_FLOATS = 1 << 18  # the backward's ring of gate gradients: about 1 MB in float32, so it stays in L2
+DB_PARTS = 8              # partial sums of the bias gradient: fixed, so results do not depend on threads
+CPU_KERNELS = True        # use the C++ pointwise kernels where they apply (tests and benchmarks turn this off)
+_cpu_step_functions: list = []
+
+
+def cpu_step_functions():
+    """The scripted ``(lstm_forward_cpu, lstm_backward_cpu)``, or None where the kernels are missing.
+    Scripted on first use: TorchScript resolves ``torch.ops.palgan`` only once the kernels are loaded."""
+    if not _cpu_step_functions:
+        _cpu_step_functions.append(
+            (script(lstm_forward_cpu), script(lstm_backward_cpu)) if lstm_kernels.available() else None)
+    return _cpu_step_functions[0]
+
+
+def uses_cpu_kernels(x: Tensor) -> bool:
+    """The C++ kernels apply on CPU to float32 and float64 (bf16 runs the TorchScript-only loop)."""
+    return CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 class LSTMFunction(torch.autograd.Function):
     """``(x (L,B,D), W_x, W_h, b) -> h_L (B,H)``, or with ``keep_states``
     ``(h_L, h_1..h_L (L,B,H), [g,i,f,o] (L,B,4H), c (L+1,B,H))`` (the last two not differentiable).
 
     All inputs share one dtype. Buffers come from ``WORKSPACE`` unless states are returned
-    (then the caller owns them).
+    (then the caller owns them). Two loops: the C++-kernel one (CPU, float32/64), which keeps
+    xh, acts, c and tanh_c for its backward, and the TorchScript-only one, which keeps xh, acts
+    and the local derivatives dz_dc, dc_dh.
     """
 
     @staticmethod
@@ -211,19 +299,36 @@ class LSTMFunction(torch.autograd.Function):
         L, B, D = x.shape
         H = W_h.shape[0]
         take = (lambda shape: x.new_empty(shape)) if keep_states else (lambda shape: WORKSPACE.take(shape, x))
-        xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
-        grad_bufs = (take((L, B, 4, H)), take((L, B, H))) if need_grad else (x.new_empty(0), x.new_empty(0))
-        lstm_forward(x, W_x, W_h, b, xh, acts, c, tanh_c, *grad_bufs, need_grad)
+        kernels = cpu_step_functions() if uses_cpu_kernels(x) else None
+        if kernels is not None:
+            # Inference keeps only what the next step reads: rings of 2, 1, 2, 1 rows stay in cache.
+            ring = not (need_grad or keep_states)
+            rows, rows1 = (2, 1) if ring else (L + 1, L)
+            xh, acts, c, tanh_c = take((rows, B, D + H)), take((rows1, B, 4 * H)), take((rows, B, H)), take((rows1, B, H))
+            W = WORKSPACE.take((D + H, 4 * H), x)
+            kernels[0](x, W_x, W_h, b, W, xh, acts, c, tanh_c)
+            WORKSPACE.give(W)
+            buffers, saved, backward_loop = [xh, acts, c, tanh_c], (xh, acts, c, tanh_c), kernels[1]
+            if ring:
+                h_last = xh[L % 2, :, D:].clone()
+                WORKSPACE.give(*buffers)
+                return h_last
+        else:
+            xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
+            grad_bufs = (take((L, B, 4, H)), take((L, B, H))) if need_grad else (x.new_empty(0), x.new_empty(0))
+            lstm_forward(x, W_x, W_h, b, xh, acts, c, tanh_c, *grad_bufs, need_grad)
+            buffers, saved, backward_loop = [xh, acts, c, tanh_c], (xh, acts, *grad_bufs), lstm_backward
+            buffers += grad_bufs if need_grad else []
         h_seq = xh[1:, :, D:]                                 # (L, B, H)
         h_last = h_seq[L - 1].clone()
         ctx.set_materialize_grads(False)
         if need_grad:
             ctx.save_for_backward(W_x, W_h)
-            ctx.buffers = (xh, acts, *grad_bufs)
+            ctx.buffers, ctx.backward_loop = saved, backward_loop
             if not keep_states:   # back to the pool when autograd frees this node (and its graph)
-                weakref.finalize(ctx, WORKSPACE.give, xh, acts, c, tanh_c, *grad_bufs)
+                weakref.finalize(ctx, WORKSPACE.give, *buffers)
         elif not keep_states:
-            WORKSPACE.give(xh, acts, c, tanh_c)
+            WORKSPACE.give(*buffers)
         if not keep_states:
             return h_last
         ctx.mark_non_differentiable(acts, c)
@@ -233,13 +338,23 @@ class LSTMFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable   # the hand-written BPTT has no graph of its own
     def backward(ctx, dh_last, dh_seq=None, _dacts=None, _dc=None):
         W_x, W_h = ctx.saved_tensors
-        xh, acts, dz_dc, dc_dh = ctx.buffers
+        xh, acts = ctx.buffers[:2]
         dx = dW_x = dW_h = db = None
         if dh_last is not None or dh_seq is not None:
-            dz = WORKSPACE.take(dz_dc.shape, xh)
-            dx, dW_x, dW_h, db = lstm_backward(dh_seq, dh_last, W_x, W_h, xh, acts, dz_dc, dc_dh, dz,
-                                               ctx.needs_input_grad[0])
-            WORKSPACE.give(dz)
+            if ctx.backward_loop is lstm_backward:
+                dz = WORKSPACE.take(acts.shape, xh)
+                dx, dW_x, dW_h, db = lstm_backward(dh_seq, dh_last, W_x, W_h, *ctx.buffers, dz,
+                                                   ctx.needs_input_grad[0])
+                WORKSPACE.give(dz)
+            else:
+                L, B, H4 = acts.shape
+                K = max(1, min(L, DZ_RING_FLOATS // (B * H4)))
+                dz = WORKSPACE.take((K, B, H4), xh)
+                W_hT, db_parts = WORKSPACE.take((H4, H4 // 4), xh), WORKSPACE.take((DB_PARTS, H4), xh)
+                dW = WORKSPACE.take((W_x.shape[0] + H4 // 4, H4), xh)
+                dx, dW_x, dW_h, db = ctx.backward_loop(dh_seq, dh_last, W_x, W_h, *ctx.buffers, dz, W_hT,
+                                                       db_parts, dW, ctx.needs_input_grad[0])
+                WORKSPACE.give(dz, W_hT, db_parts, dW)
         return dx, dW_x, dW_h, db, None, None
 
 
