@@ -82,7 +82,7 @@ class Workspace:
     ``retain_graph`` keeps it out of the pool as long as the graph lives).
     """
 
-    def __init__(self, max_keys: int = 8):
+    def __init__(self, max_keys: int = 16):
         self.free: dict[tuple, list[Tensor]] = {}
         self.max_keys = max_keys   # distinct (shape, dtype, device) kept, most recent first
         self.lent_bytes = 0        # bytes handed out and not yet given back (benchmarks read it)
@@ -202,30 +202,30 @@ def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tens
     return dx, dW[:D], dW[D:], db
 
 
-def lstm_forward_cpu(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, W: Tensor, xh: Tensor, acts: Tensor,
-                     c: Tensor, tanh_c: Tensor) -> None:
-    """``lstm_forward`` with each step's pointwise block as one call of the C++ kernel
-    ``palgan::lstm_cell_forward``, which also adds the bias and writes the next matmul's input
-    row ``[x_{t+1} | h_t]``. ``W (D+H, 4H)`` is a buffer for ``[W_x; W_h]``. Fills xh, acts, c
-    and tanh_c as ``lstm_forward`` does (the backward recomputes its local derivatives from
-    them), or, when they are rings of 2, 1, 2 and 1 rows (inference), cycles through them."""
+def lstm_forward_cpu(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, W: Tensor, z: Tensor, xh: Tensor,
+                     acts: Tensor, c: Tensor, tanh_c: Tensor) -> None:
+    """``lstm_forward`` with each step one call of the C++ op ``palgan::lstm_step_forward``: the
+    step's matmul ``[x_t | h_{t-1}] @ [W_x; W_h]`` and its pointwise block (eqs 1-6, with the
+    bias), split over threads by batch rows, writing the next step's input row ``[x_{t+1} | h_t]``.
+    ``W (D+H, 4H)`` and ``z (B, 4H)`` are buffers. Fills xh, acts, c and tanh_c as
+    ``lstm_forward`` does (the backward recomputes its local derivatives from them), or, when they
+    are rings of 2, 1, 2 and 1 rows (inference), cycles through them."""
     L, B, D = x.shape
     torch.cat([W_x, W_h], out=W)                             # (D+H, 4H)
     b = b.contiguous()
     xh[0, :, :D].copy_(x[0])
     xh[0, :, D:].zero_()                                     # h_0 = 0
     c[0].zero_()                                             # c_0 = 0
-    R, A = xh.shape[0], acts.shape[0]                        # L+1 and L, or rings of 2 and 1
     for t in range(L):
-        torch.mm(xh[t % R], W, out=acts[t % A])              # x_t W_x + h_{t-1} W_h: (B, 4H)
-        torch.ops.palgan.lstm_cell_forward(acts, b, c, tanh_c, xh, x, t)   # + b, eqs 1-6
+        torch.ops.palgan.lstm_step_forward(W, z, acts, b, c, tanh_c, xh, x, t)   # eqs 1-6
 
 
 def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
                       xh: Tensor, acts: Tensor, c: Tensor, tanh_c: Tensor, dz: Tensor, W_hT: Tensor,
                       db_parts: Tensor, dW: Tensor, need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
-    """Back-propagation through time for ``lstm_forward_cpu``, each step's pointwise block one call
-    of ``palgan::lstm_cell_backward``.
+    """Back-propagation through time for ``lstm_forward_cpu``, each step one call of
+    ``palgan::lstm_step_backward``: dh_t with one matmul, ``dz_{t+1} W_h^T``, then the step's
+    gate gradients and the carried dc.
 
     The gate gradients live in ``dz (K, B, 4H)``, a ring of the last K steps small enough to stay
     in cache: each time K steps are done, their share of the weight gradient is added in one
@@ -237,7 +237,6 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
     K = dz.shape[0]
     W_hT.copy_(W_h.t())                                      # (4H, H)
     db_parts.zero_()
-    dW.zero_()
     dx = xh.new_empty(L, B, D) if need_dx else xh.new_empty(0)
     dc = xh.new_zeros(B, H)                                  # reaches c_t through c_{t+1}
     dh = xh.new_zeros(B, H)                                  # reaches h_t
@@ -245,17 +244,20 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
         dh.copy_(dh_last)
     if dh_seq is not None:
         dh.add_(dh_seq[L - 1])
+    none = xh.new_empty(0)
     for t in range(L - 1, -1, -1):
-        if t < L - 1:                                        # dh_t = (from outside) + dz_{t+1} W_h^T
-            if dh_seq is not None:
-                torch.addmm(dh_seq[t], dz[(t + 1) % K], W_hT, out=dh)
-            else:
-                torch.mm(dz[(t + 1) % K], W_hT, out=dh)
-        torch.ops.palgan.lstm_cell_backward(acts, c, tanh_c, dh, dc, dz, db_parts, t)   # dz_t, db; dc <- dc_t f_t
+        dh_out = none                                        # the gradient reaching h_t from outside
+        if dh_seq is not None and t < L - 1:
+            dh_out = dh_seq[t]
+        torch.ops.palgan.lstm_step_backward(W_hT, dz, dh, dh_out, acts, c, tanh_c, dc, db_parts, t)
         if t % K == 0:                                       # steps t .. t+n-1 sit in dz[0:n]
             n = min(K, L - t)
             dz_chunk = dz[:n].view(n * B, 4 * H)
-            dW.addmm_(xh[t:t + n].view(n * B, D + H).t(), dz_chunk)   # += sum [x | h_{t-1}]^T dz
+            xh_chunk = xh[t:t + n].view(n * B, D + H)
+            if t + n == L:                                   # the first chunk: dW = ...
+                torch.mm(xh_chunk.t(), dz_chunk, out=dW)
+            else:                                            # dW += sum [x_t | h_{t-1}]^T dz_t
+                dW.addmm_(xh_chunk.t(), dz_chunk)
             if need_dx:
                 torch.mm(dz_chunk, W_x.t(), out=dx[t:t + n].view(n * B, D))
     db = db_parts.sum(0)
@@ -305,9 +307,9 @@ class LSTMFunction(torch.autograd.Function):
             ring = not (need_grad or keep_states)
             rows, rows1 = (2, 1) if ring else (L + 1, L)
             xh, acts, c, tanh_c = take((rows, B, D + H)), take((rows1, B, 4 * H)), take((rows, B, H)), take((rows1, B, H))
-            W = WORKSPACE.take((D + H, 4 * H), x)
-            kernels[0](x, W_x, W_h, b, W, xh, acts, c, tanh_c)
-            WORKSPACE.give(W)
+            W, z = WORKSPACE.take((D + H, 4 * H), x), WORKSPACE.take((B, 4 * H), x)
+            kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c)
+            WORKSPACE.give(W, z)
             buffers, saved, backward_loop = [xh, acts, c, tanh_c], (xh, acts, c, tanh_c), kernels[1]
             if ring:
                 h_last = xh[L % 2, :, D:].clone()
