@@ -284,6 +284,28 @@ def uses_cpu_kernels(x: Tensor) -> bool:
     return CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 
+def lstm_inference(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor) -> Tensor:
+    """h_L of the fused layer without autograd (``x (L, B, D)`` time-major). With the C++ kernels
+    the buffers are rings that stay in cache: only what the next step reads is kept."""
+    L, B, D = x.shape
+    H = W_h.shape[0]
+    kernels = cpu_step_functions() if uses_cpu_kernels(x) else None
+    if kernels is not None:
+        bufs = [WORKSPACE.take(shape, x) for shape in ((2, B, D + H), (1, B, 4 * H), (2, B, H), (1, B, H),
+                                                       (D + H, 4 * H), (B, 4 * H))]
+        xh, acts, c, tanh_c, W, z = bufs
+        kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c)
+        h_last = xh[L % 2, :, D:].clone()
+    else:
+        bufs = [WORKSPACE.take(shape, x) for shape in ((L + 1, B, D + H), (L, B, 4 * H), (L + 1, B, H), (L, B, H))]
+        xh, acts, c, tanh_c = bufs
+        none = x.new_empty(0)
+        lstm_forward(x, W_x, W_h, b, xh, acts, c, tanh_c, none, none, False)
+        h_last = xh[L, :, D:].clone()
+    WORKSPACE.give(*bufs)
+    return h_last
+
+
 class LSTMFunction(torch.autograd.Function):
     """``(x (L,B,D), W_x, W_h, b) -> h_L (B,H)``, or with ``keep_states``
     ``(h_L, h_1..h_L (L,B,H), [g,i,f,o] (L,B,4H), c (L+1,B,H))`` (the last two not differentiable).
@@ -300,21 +322,16 @@ class LSTMFunction(torch.autograd.Function):
         # does not see torch.no_grad()); without it no derivative buffers are filled.
         L, B, D = x.shape
         H = W_h.shape[0]
+        if not (need_grad or keep_states):
+            return lstm_inference(x, W_x, W_h, b)
         take = (lambda shape: x.new_empty(shape)) if keep_states else (lambda shape: WORKSPACE.take(shape, x))
         kernels = cpu_step_functions() if uses_cpu_kernels(x) else None
         if kernels is not None:
-            # Inference keeps only what the next step reads: rings of 2, 1, 2, 1 rows stay in cache.
-            ring = not (need_grad or keep_states)
-            rows, rows1 = (2, 1) if ring else (L + 1, L)
-            xh, acts, c, tanh_c = take((rows, B, D + H)), take((rows1, B, 4 * H)), take((rows, B, H)), take((rows1, B, H))
+            xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
             W, z = WORKSPACE.take((D + H, 4 * H), x), WORKSPACE.take((B, 4 * H), x)
             kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c)
             WORKSPACE.give(W, z)
             buffers, saved, backward_loop = [xh, acts, c, tanh_c], (xh, acts, c, tanh_c), kernels[1]
-            if ring:
-                h_last = xh[L % 2, :, D:].clone()
-                WORKSPACE.give(*buffers)
-                return h_last
         else:
             xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
             grad_bufs = (take((L, B, 4, H)), take((L, B, H))) if need_grad else (x.new_empty(0), x.new_empty(0))
@@ -428,7 +445,10 @@ class LSTM(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             inputs = (x.transpose(0, 1).to(dtype), self.W_x.to(dtype), self.W_h.to(dtype), self.b.to(dtype))
             need_grad = torch.is_grad_enabled() and any(v.requires_grad for v in inputs)
-            out = LSTMFunction.apply(*inputs, return_states, need_grad)
+            if need_grad or return_states:
+                out = LSTMFunction.apply(*inputs, return_states, need_grad)
+            else:
+                out = lstm_inference(*inputs)
         if not return_states:
             return out, []
         h_last, h_seq, acts, c = out

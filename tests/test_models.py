@@ -10,14 +10,18 @@ PALGAN_TEST_DEVICE=cuda runs the same checks on a GPU (benchmarks/gpu_check.sh d
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
 
+import models.lstm as lstm_module
+from models import lstm_kernels
 from models.lstm import BACKENDS, GATES, LSTM
 from models.rnn import RNN
+from conftest import run_script
 
 DEVICE = torch.device(os.environ.get("PALGAN_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
@@ -27,6 +31,21 @@ if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# The LSTM's paths: the fused layer with its C++ step kernels (CPU, float32/64), the fused layer
+# with its pointwise work in TorchScript ops (GPU, bf16/fp16, or no compiler), the eager loop.
+LSTM_PATHS = ("script", "script-ts", "eager")
+
+
+def backend_of(path: str) -> str:
+    return "script" if path == "script-ts" else path
+
+
+@pytest.fixture(autouse=True)
+def lstm_path(request, monkeypatch):
+    """Cases parametrised with backend="script-ts" run the fused layer without its C++ kernels."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "script-ts":
+        monkeypatch.setattr(lstm_module, "CPU_KERNELS", False)
 LENGTHS = (1, 2, 7, 23, 50)
 TORCH_ORDER = ("i", "f", "g", "o")   # nn.LSTM stacks its gates as i, f, g, o
 
@@ -86,11 +105,11 @@ def torch_lstm_from(weights: dict, D: int, H: int, K: int, dtype) -> tuple[nn.LS
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_logits_and_every_gradient_match_nn_lstm(backend, L, dtype):
     B, D, H, K = random_sizes(L)
     torch.manual_seed(L)
-    model = LSTM(D, H, K, backend=backend).to(DEVICE, dtype)
+    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, dtype)
     randomise(model, seed=L)
     lstm, head = torch_lstm_from(model.gate_weights(), D, H, K, dtype)
     x = torch.randn(B, L, D, dtype=dtype, device=DEVICE)
@@ -137,11 +156,11 @@ def lstm_by_the_equations(w: dict, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("L", (1, 9, 50))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_return_states_follow_equations_1_to_6(backend, L):
     B, D, H, K = random_sizes(100 + L)
     torch.manual_seed(L)
-    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=100 + L)
     x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE)
     p, states = model(x, return_states=True)
@@ -153,10 +172,10 @@ def test_lstm_return_states_follow_equations_1_to_6(backend, L):
     assert_close(model(x), p, 0.0, "logits with and without return_states")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_gradcheck_float64(backend):
     B, L, D, H, K = 3, 5, 4, 3, 2
-    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=7)
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
@@ -168,11 +187,11 @@ def test_lstm_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_gradient_flows_through_returned_h_states(backend):
     """A loss on every step's h (not only the last) back-propagates like the reference."""
     B, L, D, H, K = 2, 6, 3, 4, 2
-    model = LSTM(D, H, K, backend=backend).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=11)
     x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(B, L, H, dtype=torch.float64, device=DEVICE)
@@ -186,11 +205,11 @@ def test_lstm_gradient_flows_through_returned_h_states(backend):
     assert_close(ours, x.grad, 1e-10, "dL/dx through h_1..h_L")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_gate_weights_round_trip(backend):
     torch.manual_seed(3)
-    a = LSTM(5, 6, 4, backend=backend).to(DEVICE)
-    b = LSTM(5, 6, 4, backend=backend).to(DEVICE)
+    a = LSTM(5, 6, 4, backend=backend_of(backend)).to(DEVICE)
+    b = LSTM(5, 6, 4, backend=backend_of(backend)).to(DEVICE)
     randomise(a, seed=3)
     w = a.gate_weights()
     assert set(w) == {f"{p}_{k}{s}" for k in GATES for p, s in (("W", "x"), ("W", "h"), ("b", ""))} | {"W_ph", "b_p"}
@@ -200,6 +219,112 @@ def test_lstm_gate_weights_round_trip(backend):
         assert torch.equal(v, w[k]), k
     x = torch.randn(3, 8, 5, device=DEVICE)
     assert torch.equal(a(x), b(x))
+
+
+# --- the fused layer's C++ step kernels ---------------------------------------------------------
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                    reason="no C++ compiler: the fused layer runs its TorchScript-only path")
+
+
+@needs_compiler
+def test_cpu_kernels_build_and_are_used():
+    assert lstm_kernels.available(), "the C++ step kernels did not build on a machine with a compiler"
+    x = torch.randn(2, 3, 4)
+    assert lstm_module.uses_cpu_kernels(x.transpose(0, 1))
+    assert not lstm_module.uses_cpu_kernels(x.to(torch.bfloat16))   # bf16 takes the TorchScript path
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels are CPU kernels")
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("B, D, H, L", [(40, 10, 48, 12), (33, 7, 37, 5), (128, 10, 64, 3)])
+def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads):
+    """Sizes where the kernels' 16-wide vector loops, their masked tails (H = 37) and the split of
+    the batch over threads (B >= 32) are all exercised; float32 against nn.LSTM and against the
+    TorchScript-only path."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(B + H)
+    model = LSTM(D, H, 5)
+    randomise(model, seed=B + H)
+    with torch.no_grad():
+        model.W_x.mul_(2.0)                      # pre-activations well beyond the sigmoid's linear range
+    lstm, head = torch_lstm_from(model.gate_weights(), D, H, 5, torch.float32)
+    x = torch.randn(B, L, D)
+    dp = torch.randn(B, 5)
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        old = lstm_module.CPU_KERNELS
+        lstm_module.CPU_KERNELS = fused
+        try:
+            p = model(x)
+            (p * dp).sum().backward()
+            with torch.no_grad():
+                p_infer = model(x)             # the inference path (ring buffers)
+        finally:
+            lstm_module.CPU_KERNELS = old
+        return p.detach(), p_infer, {n: q.grad.clone() for n, q in model.named_parameters()}
+
+    p, p_infer, grads = run(True)
+    p_ts, _, grads_ts = run(False)
+    out, _ = lstm(x)
+    p_ref = head(out[:, -1])
+    (p_ref * dp).sum().backward()
+    assert_close(p, p_ref, 2e-5, "logits vs nn.LSTM")
+    assert_close(p_infer, p, 1e-6, "inference logits vs training logits")
+    assert_close(p, p_ts, 2e-5, "logits vs the TorchScript-only path")
+    W_ref = torch.cat([lstm.weight_ih_l0.grad, lstm.weight_hh_l0.grad], 1)           # (4H, D+H), i f g o
+    b_ref = lstm.bias_ih_l0.grad
+    order = [2, 0, 1, 3]                         # ours: g i f o
+    W_ref = torch.cat([W_ref[k * H:(k + 1) * H] for k in order]).T
+    b_ref = torch.cat([b_ref[k * H:(k + 1) * H] for k in order])
+    scale = max(1.0, W_ref.abs().max().item())
+    assert_close(torch.cat([grads["W_x"], grads["W_h"]]) / scale, W_ref / scale, 2e-5, "dL/dW vs nn.LSTM")
+    assert_close(grads["b"], b_ref, 2e-5 * max(1.0, b_ref.abs().max().item()), "dL/db vs nn.LSTM")
+    for name in grads:
+        assert_close(grads[name], grads_ts[name], 2e-5 * max(1.0, grads_ts[name].abs().max().item()),
+                     f"d{name} vs the TorchScript-only path")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels are CPU kernels")
+@pytest.mark.parametrize("backend", LSTM_PATHS)
+def test_lstm_nan_reaches_the_logits(backend):
+    """A NaN weight must show in the output (the trainer stops on a NaN loss), not be clamped away."""
+    model = LSTM(4, 16, 3, backend=backend_of(backend))
+    with torch.no_grad():
+        model.W_h[3, 5] = float("nan")
+    p = model(torch.randn(2, 6, 4))
+    assert torch.isnan(p).all()
+
+
+def test_lstm_without_the_kernels_warns_once_and_matches(monkeypatch):
+    """No compiler: one RuntimeWarning saying what to do, then the TorchScript-only path."""
+    def no_compiler():
+        raise RuntimeError("Error building extension 'palgan_lstm_cell': c++: not found")
+    monkeypatch.setattr(lstm_kernels, "_loaded", None)
+    monkeypatch.setattr(lstm_kernels, "build_and_load", no_compiler)
+    monkeypatch.setattr(lstm_module, "_cpu_step_functions", [])
+    model = LSTM(3, 5, 2)
+    x = torch.randn(4, 6, 3)
+    with pytest.warns(RuntimeWarning, match="could not be built.*PALGAN_LSTM_KERNELS=0"):
+        p = model(x)
+    eager = LSTM(3, 5, 2, backend="eager")
+    eager.load_gate_weights(model.gate_weights())
+    assert_close(p, eager(x), 1e-5, "logits without the kernels")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # no second warning
+        model(x)
+
+
+def test_kernel_switch_turns_the_build_off(tmp_path):
+    code = ("import warnings; warnings.simplefilter('error'); import torch; from models import lstm_kernels;"
+            "from models.lstm import LSTM; m = LSTM(3, 4, 2); m(torch.randn(2, 5, 3));"
+            "print(lstm_kernels.available())")
+    proc = run_script(["-c", code], PALGAN_LSTM_KERNELS="0", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
+    assert not any(tmp_path.iterdir()), "PALGAN_LSTM_KERNELS=0 still built something"
 
 
 def test_unknown_backend_is_refused():
