@@ -7,7 +7,10 @@
 Variants, all built on the same weights (one-hot 10-d input, 10 classes, like the trainer):
   report-loop  the report's eager loop: one matmul per gate and per step, autograd through it
   eager        this repo's ``LSTM(backend="eager")``: the same loop with the 4 gates in one matmul
-  script       ``LSTM(backend="script")``: the fused TorchScript forward + hand-written BPTT
+  script       ``LSTM(backend="script")``: the fused layer, TorchScript time loops (forward and
+               hand-written BPTT) calling one C++ op per step (matmul + pointwise block)
+  script-ts    the same fused layer with its pointwise blocks as TorchScript ops (the path it
+               takes on GPU, in bf16/fp16, or without a C++ compiler), to show what the kernels add
   compile      ``torch.compile`` of the eager backend (compile time is reported, not timed)
   nn.LSTM      ``torch.nn.LSTM`` + ``nn.Linear`` (oneDNN on CPU, cuDNN on GPU): the baseline
 
@@ -38,13 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models.lstm as lstm_module
+from models import lstm_kernels
 from models.lstm import LSTM, WORKSPACE
 
 INPUT_DIM = 10      # one-hot digits, as in the trainer
 NUM_CLASSES = 10
 CLIP_NORM = 10.0    # the trainer's default
 SIZES = ((128, 128, 20), (128, 128, 100), (64, 256, 50))   # (B, H, T) of issue 3
-VARIANTS = ("report-loop", "eager", "script", "compile", "nn.LSTM")
+VARIANTS = ("report-loop", "eager", "script", "script-ts", "compile", "nn.LSTM")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -91,6 +96,23 @@ class TorchLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
+class WithoutKernels(nn.Module):
+    """Runs the fused layer with its C++ step kernels switched off (the backward follows the
+    forward's choice, so switching around the forward is enough)."""
+
+    def __init__(self, model: LSTM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        saved = lstm_module.CPU_KERNELS
+        lstm_module.CPU_KERNELS = False
+        try:
+            return self.model(x)
+        finally:
+            lstm_module.CPU_KERNELS = saved
+
+
 def build(variant: str, reference: LSTM, device: torch.device) -> nn.Module:
     w = reference.gate_weights()
     D, H = reference.input_dim, reference.hidden_dim
@@ -99,18 +121,23 @@ def build(variant: str, reference: LSTM, device: torch.device) -> nn.Module:
     elif variant == "nn.LSTM":
         model = TorchLSTM(w, D, H)
     else:
-        model = LSTM(D, H, NUM_CLASSES, backend="script" if variant == "script" else "eager")
+        model = LSTM(D, H, NUM_CLASSES, backend="script" if variant.startswith("script") else "eager")
         model.load_gate_weights(w)
         if variant == "compile":
             model = torch.compile(model)
+        elif variant == "script-ts":
+            model = WithoutKernels(model)
     return model.to(device)
 
 
 def model_flops(B: int, H: int, T: int, training: bool) -> float:
-    """Matmul FLOPs: the gates of every step (input and recurrent part) and the head; a training
-    step is counted as 3x the forward (forward, input gradients, weight gradients)."""
+    """Matmul FLOPs that no variant can skip: the gates of every step (input and recurrent part)
+    and the head; a training step adds the weight gradients (as many again) and dh through W_h for
+    T-1 steps (the input needs no gradient)."""
     forward = 2 * B * T * 4 * H * (INPUT_DIM + H) + 2 * B * H * NUM_CLASSES
-    return 3 * forward if training else forward
+    if not training:
+        return forward
+    return 2 * forward + 2 * B * (T - 1) * 4 * H * H + 2 * B * NUM_CLASSES * H
 
 
 class Bench:
@@ -255,6 +282,7 @@ def run_size(bench: Bench, size, variants, rounds: int, warmup: int, log) -> tup
                    "vs_report_loop": med[v] / med["report-loop"] if "report-loop" in med else None,
                    "vs_eager": med[v] / med["eager"] if "eager" in med else None,
                    "gflops": flops / med[v] / 1e9, "matmul_peak_gflops": peak,
+                   "matmul_floor_ms": 1e3 * flops / (peak * 1e9),
                    "warmup_s": compile_s[v]}
             if mode == "train":
                 row["saved_for_backward_mb"] = saved_bytes(bench, models[v], x, y) / 2 ** 20
@@ -297,6 +325,10 @@ def machine(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def variants_first(variants) -> str:
+    return list(variants)[0]
+
+
 def parse_size(text: str) -> tuple[int, int, int]:
     try:
         B, H, T = (int(v) for v in text.split(","))
@@ -337,17 +369,23 @@ def main(argv=None) -> list[dict]:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
 
     where = machine(device)
+    kernels = (f"C++ step kernels built ({lstm_kernels.cpu_capability()})" if device.type == "cpu" and
+               lstm_kernels.available() else "no C++ step kernels: script = script-ts")
     print(f"# {where}; torch {torch.__version__}; precision {args.precision}; "
-          f"{args.clock} clock; {args.rounds} interleaved rounds, medians")
+          f"{args.clock} clock; {args.rounds} interleaved rounds, medians; {kernels}")
     rows = []
     for size in args.sizes:
         log(f"size B,H,T = {size}")
         size_rows, _ = run_size(bench, size, args.variants, args.rounds, args.warmup, log)
         rows += size_rows
     print_table(rows)
+    for r in rows:
+        if r["variant"] == variants_first(args.variants):
+            print(f"# {r['B']},{r['H']},{r['T']} {r['mode']}: the matmuls alone, at the measured peak, "
+                  f"take {r['matmul_floor_ms']:.2f} ms")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": where, "device": args.device, "precision": args.precision,
+        meta = {"machine": where, "kernels": kernels, "device": args.device, "precision": args.precision,
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "clock": args.clock,
                 "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -1,11 +1,11 @@
-"""The fused CPU kernels of one LSTM step (``csrc/lstm_cell.cpp``), built on first use.
+"""The fused CPU ops of one LSTM step (``csrc/lstm_cell.cpp``), built on first use.
 
-``available()`` compiles the C++ source once per machine with torch's JIT extension builder (a
-few seconds; cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
-registers ``torch.ops.palgan.lstm_cell_forward`` / ``lstm_cell_backward``, which the TorchScript
-loop of ``models/lstm.py`` calls. Without a C++ compiler (or with ``PALGAN_LSTM_KERNELS=0``)
-it warns once and returns False, and the fused layer keeps its pointwise block in TorchScript:
-same results, slower.
+``available()`` compiles the C++ source once per machine with torch's JIT extension builder
+(about 10 s; cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
+registers ``torch.ops.palgan.lstm_step_forward`` / ``lstm_step_backward``, which the TorchScript
+loops of ``models/lstm.py`` call once per step. Without a C++ compiler or ninja (or with
+``PALGAN_LSTM_KERNELS=0``) it returns False, warning once unless switched off, and the fused
+layer keeps its pointwise blocks in TorchScript ops: same results, slower.
 """
 from __future__ import annotations
 
@@ -40,9 +40,22 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def put_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH; the pip package's binary is not on it unless the
+    virtual environment is activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    if bin_dir and bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+
 def build_and_load() -> None:
     from torch.utils.cpp_extension import load   # imported late: it logs about CUDA on import
 
+    put_ninja_on_path()
     capability = cpu_capability()
     load(name=f"palgan_lstm_cell_{capability.lower()}", sources=[str(SOURCE)],
          extra_cflags=CFLAGS + OPENMP_FLAGS + ISA_FLAGS.get(capability, []), extra_ldflags=OPENMP_FLAGS,
