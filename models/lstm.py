@@ -203,21 +203,29 @@ def lstm_backward(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tens
 
 
 def lstm_forward_cpu(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, W: Tensor, z: Tensor, xh: Tensor,
-                     acts: Tensor, c: Tensor, tanh_c: Tensor) -> None:
+                     acts: Tensor, c: Tensor, tanh_c: Tensor, split: bool) -> None:
     """``lstm_forward`` with each step one call of the C++ op ``palgan::lstm_step_forward``: the
-    step's matmul ``[x_t | h_{t-1}] @ [W_x; W_h]`` and its pointwise block (eqs 1-6, with the
-    bias), split over threads by batch rows, writing the next step's input row ``[x_{t+1} | h_t]``.
-    ``W (D+H, 4H)`` and ``z (B, 4H)`` are buffers. Fills xh, acts, c and tanh_c as
+    step's matmul and its pointwise block (eqs 1-6, with the bias), split over threads by batch
+    rows, writing the next step's input row ``[x_{t+1} | h_t]``.
+
+    With ``split`` (a small input, see ``SMALL_INPUT``) the matmul is ``h_{t-1} W_h`` and the op
+    adds ``x_t W_x`` row by row, skipping zero inputs (one-hot digits: one row of W_x); otherwise it
+    is ``[x_t | h_{t-1}] @ [W_x; W_h]``, the two weights concatenated into the buffer
+    ``W (D+H, 4H)``. ``z (B, 4H)`` is a buffer too. Fills xh, acts, c and tanh_c as
     ``lstm_forward`` does (the backward recomputes its local derivatives from them), or, when they
     are rings of 2, 1, 2 and 1 rows (inference), cycles through them."""
     L, B, D = x.shape
-    torch.cat([W_x, W_h], out=W)                             # (D+H, 4H)
+    if split:
+        weight, W_x_rows = W_h.contiguous(), W_x.contiguous()
+    else:
+        torch.cat([W_x, W_h], out=W)                         # (D+H, 4H)
+        weight, W_x_rows = W, x.new_empty(0)
     b = b.contiguous()
     xh[0, :, :D].copy_(x[0])
     xh[0, :, D:].zero_()                                     # h_0 = 0
     c[0].zero_()                                             # c_0 = 0
     for t in range(L):
-        torch.ops.palgan.lstm_step_forward(W, z, acts, b, c, tanh_c, xh, x, t)   # eqs 1-6
+        torch.ops.palgan.lstm_step_forward(weight, W_x_rows, z, acts, b, c, tanh_c, xh, x, t)   # eqs 1-6
 
 
 def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
@@ -225,12 +233,14 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
                       db_parts: Tensor, dW: Tensor, need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """Back-propagation through time for ``lstm_forward_cpu``, each step one call of
     ``palgan::lstm_step_backward``: dh_t with one matmul, ``dz_{t+1} W_h^T``, then the step's
-    gate gradients and the carried dc.
+    gate gradients, the carried dc, and their sum over the batch (the bias gradient).
 
     The gate gradients live in ``dz (K, B, 4H)``, a ring of the last K steps small enough to stay
     in cache: each time K steps are done, their share of the weight gradient is added in one
-    matmul, ``dW += [x_t | h_{t-1}]^T dz_t`` over those steps. ``W_hT (4H, H)``, ``db_parts
-    (P, 4H)`` and ``dW (D+H, 4H)`` are buffers too. Returns dL/dx, dL/dW_x, dL/dW_h, dL/db."""
+    matmul, ``dW += [x_t | h_{t-1}]^T dz_t`` over those steps. ``db_parts (P, 4H)`` holds the op's
+    partial sums of the bias gradient; ``W_hT (4H, H)`` and ``dW (D+H, 4H)`` are buffers too.
+    (Summing ``x_t^T dz_t`` in the op, skipping zero inputs, as the forward does, measured no
+    faster.) Returns dL/dx, dL/dW_x, dL/dW_h, dL/db."""
     L, B, H4 = acts.shape
     H = H4 // 4
     D = W_x.shape[0]
@@ -264,6 +274,7 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
     return (dx if need_dx else None), dW[:D].clone(), dW[D:].clone(), db
 
 
+SMALL_INPUT = 32          # up to this input size the step op adds x_t W_x itself, skipping zeros
 DZ_RING_FLOATS = 1 << 18  # the backward's ring of gate gradients: about 1 MB in float32, so it stays in L2
 DB_PARTS = 8              # partial sums of the bias gradient: fixed, so results do not depend on threads
 CPU_KERNELS = True        # use the C++ pointwise kernels where they apply (tests and benchmarks turn this off)
@@ -294,7 +305,7 @@ def lstm_inference(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor) -> Tensor:
         bufs = [WORKSPACE.take(shape, x) for shape in ((2, B, D + H), (1, B, 4 * H), (2, B, H), (1, B, H),
                                                        (D + H, 4 * H), (B, 4 * H))]
         xh, acts, c, tanh_c, W, z = bufs
-        kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c)
+        kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c, D <= SMALL_INPUT)
         h_last = xh[L % 2, :, D:].clone()
     else:
         bufs = [WORKSPACE.take(shape, x) for shape in ((L + 1, B, D + H), (L, B, 4 * H), (L + 1, B, H), (L, B, H))]
@@ -329,7 +340,7 @@ class LSTMFunction(torch.autograd.Function):
         if kernels is not None:
             xh, acts, c, tanh_c = take((L + 1, B, D + H)), take((L, B, 4 * H)), take((L + 1, B, H)), take((L, B, H))
             W, z = WORKSPACE.take((D + H, 4 * H), x), WORKSPACE.take((B, 4 * H), x)
-            kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c)
+            kernels[0](x, W_x, W_h, b, W, z, xh, acts, c, tanh_c, D <= SMALL_INPUT)
             WORKSPACE.give(W, z)
             buffers, saved, backward_loop = [xh, acts, c, tanh_c], (xh, acts, c, tanh_c), kernels[1]
         else:
@@ -367,10 +378,10 @@ class LSTMFunction(torch.autograd.Function):
                 WORKSPACE.give(dz)
             else:
                 L, B, H4 = acts.shape
+                D, H = W_x.shape[0], H4 // 4
                 K = max(1, min(L, DZ_RING_FLOATS // (B * H4)))
-                dz = WORKSPACE.take((K, B, H4), xh)
-                W_hT, db_parts = WORKSPACE.take((H4, H4 // 4), xh), WORKSPACE.take((DB_PARTS, H4), xh)
-                dW = WORKSPACE.take((W_x.shape[0] + H4 // 4, H4), xh)
+                dz, W_hT = WORKSPACE.take((K, B, H4), xh), WORKSPACE.take((H4, H), xh)
+                db_parts, dW = WORKSPACE.take((DB_PARTS, H4), xh), WORKSPACE.take((D + H, H4), xh)
                 dx, dW_x, dW_h, db = ctx.backward_loop(dh_seq, dh_last, W_x, W_h, *ctx.buffers, dz, W_hT,
                                                        db_parts, dW, ctx.needs_input_grad[0])
                 WORKSPACE.give(dz, W_hT, db_parts, dW)

@@ -237,11 +237,13 @@ def test_cpu_kernels_build_and_are_used():
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels are CPU kernels")
 @pytest.mark.parametrize("threads", (1, 2))
-@pytest.mark.parametrize("B, D, H, L", [(40, 10, 48, 12), (33, 7, 37, 5), (128, 10, 64, 3)])
-def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads):
-    """Sizes where the kernels' 16-wide vector loops, their masked tails (H = 37) and the split of
-    the batch over threads (B >= 32) are all exercised; float32 against nn.LSTM and against the
-    TorchScript-only path."""
+@pytest.mark.parametrize("one_hot", (False, True), ids=("dense", "one-hot"))
+@pytest.mark.parametrize("B, D, H, L", [(40, 10, 48, 12), (33, 7, 37, 5), (128, 10, 64, 3), (24, 40, 32, 4)])
+def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads, one_hot):
+    """Sizes where the kernels' 16-wide vector loops, their masked tails (H = 37), the split of
+    the batch over threads (B >= 32) and both forms of the input projection (D <= 32: added per
+    row, skipping zeros, as with one-hot input; D = 40: inside the matmul) are all exercised;
+    float32 against nn.LSTM and against the TorchScript-only path."""
     torch.set_num_threads(threads)
     torch.manual_seed(B + H)
     model = LSTM(D, H, 5)
@@ -250,6 +252,8 @@ def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads):
         model.W_x.mul_(2.0)                      # pre-activations well beyond the sigmoid's linear range
     lstm, head = torch_lstm_from(model.gate_weights(), D, H, 5, torch.float32)
     x = torch.randn(B, L, D)
+    if one_hot:
+        x = nn.functional.one_hot(x.argmax(-1), D).float()
     dp = torch.randn(B, 5)
 
     def run(fused: bool):

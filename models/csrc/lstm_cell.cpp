@@ -6,7 +6,7 @@
 // torch.ops.palgan.* so that TorchScript can call them; float32 and float64, contiguous rows.
 //
 // Activations (float): sigma(x) = 1 / (1 + e^-x) and tanh(x) = 2 sigma(2x) - 1, with e^x from
-// the Cephes polynomial (max. relative error about 2e-7); written as plain loops that the
+// a degree-5 polynomial (max. relative error about 2e-7); written as plain loops that the
 // compiler vectorises (AVX2 or NEON, whichever the build flags allow), and with AVX-512 the same
 // formulas written with intrinsics (vscalefps for 2^n; about 20% faster than the compiler's
 // version on the dev machine). NaN propagates. float64 uses std::exp, so that gradcheck sees
@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
@@ -31,6 +32,13 @@
 namespace palgan {
 namespace {
 
+// e^r = 1 + r + r^2 (kExp0 + kExp1 r + kExp2 r^2 + kExp3 r^3) on |r| <= ln2 / 2: a degree-5
+// polynomial fitted for least relative error (Lawson's iteration; max. relative error 1.0e-7, or
+// 2e-7 evaluated in float). Cephes' degree-7 polynomial is exact to the last bit, which nothing
+// here needs, at two more FMAs per value.
+constexpr float kExp0 = 0.4999923174913354f, kExp1 = 0.16667114445981193f, kExp2 = 0.041890117608443446f,
+                kExp3 = 0.008312527909357603f;
+
 inline float exp_approx(float x) {
   x = 88.0f < x ? 88.0f : x;     // clamp so that 2^n stays a normal float; the order keeps NaN
   x = -87.0f > x ? -87.0f : x;
@@ -39,12 +47,10 @@ inline float exp_approx(float x) {
   const float n = t - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kExp3;
+  p = p * r + kExp2;
+  p = p * r + kExp1;
+  p = p * r + kExp0;
   p = p * (r * r) + (r + 1.0f);
   int32_t ti, pi;
   std::memcpy(&ti, &t, 4);
@@ -59,13 +65,27 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 template <typename T> inline T tanh_(T x) { return T(2) * sigmoid(x + x) - T(1); }
 inline double tanh_(double x) { return std::tanh(x); }
 
-// One step, one batch row. z: (4H) pre-activations [g|i|f|o] without the bias; a: (4H) receives
-// the activations; c_prev, c, tanh_c, h: (H).
+// z (4H) += bias + x W_x for one batch row, skipping the zero entries of x (D of them, W_x (D, 4H));
+// with one-hot input that is one row of W_x. D = 0 adds the bias only.
 template <typename T>
-void forward_row(const T* __restrict z, T* __restrict a, const T* __restrict bias, const T* __restrict c_prev,
-                 T* __restrict c, T* __restrict tanh_c, T* __restrict h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) a[j] = tanh_(z[j] + bias[j]);                   // g  (1)
-  for (int64_t j = H; j < 4 * H; ++j) a[j] = sigmoid(z[j] + bias[j]);             // i, f, o  (2-4)
+void add_input_row(T* __restrict z, const T* __restrict bias, const T* __restrict x, const T* __restrict W_x,
+                   int64_t D, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
+  for (int64_t d = 0; d < D; ++d) {
+    const T v = x[d];
+    if (v == T(0)) continue;
+    const T* w = W_x + d * n;
+    for (int64_t j = 0; j < n; ++j) z[j] += v * w[j];
+  }
+}
+
+// One step, one batch row. z: (4H) pre-activations [g|i|f|o]; a: (4H) receives the activations;
+// c_prev, c, tanh_c, h: (H).
+template <typename T>
+void forward_row(const T* __restrict z, T* __restrict a, const T* __restrict c_prev, T* __restrict c,
+                 T* __restrict tanh_c, T* __restrict h, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) a[j] = tanh_(z[j]);                             // g  (1)
+  for (int64_t j = H; j < 4 * H; ++j) a[j] = sigmoid(z[j]);                       // i, f, o  (2-4)
   const T* g = a; const T* i = a + H; const T* f = a + 2 * H; const T* o = a + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
     const T cj = f[j] * c_prev[j] + i[j] * g[j];                                   // (5)
@@ -85,12 +105,10 @@ inline __m512 exp16(__m512 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 p = _mm512_set1_ps(kExp3);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp0));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
@@ -104,18 +122,15 @@ inline __m512 tanh16(__m512 x) {
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 template <>
-void forward_row<float>(const float* __restrict z, float* __restrict a, const float* __restrict bias,
-                        const float* __restrict c_prev, float* __restrict c, float* __restrict tanh_c,
-                        float* __restrict h, int64_t H) {
+void forward_row<float>(const float* __restrict z, float* __restrict a, const float* __restrict c_prev,
+                        float* __restrict c, float* __restrict tanh_c, float* __restrict h, int64_t H) {
   for (int64_t j = 0; j < H; j += 16) {                                             // g  (1)
     const __mmask16 m = lanes(H - j);
-    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, z + j), _mm512_maskz_loadu_ps(m, bias + j));
-    _mm512_mask_storeu_ps(a + j, m, tanh16(v));
+    _mm512_mask_storeu_ps(a + j, m, tanh16(_mm512_maskz_loadu_ps(m, z + j)));
   }
   for (int64_t j = H; j < 4 * H; j += 16) {                                         // i, f, o  (2-4)
     const __mmask16 m = lanes(4 * H - j);
-    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, z + j), _mm512_maskz_loadu_ps(m, bias + j));
-    _mm512_mask_storeu_ps(a + j, m, sigmoid16(v));
+    _mm512_mask_storeu_ps(a + j, m, sigmoid16(_mm512_maskz_loadu_ps(m, z + j)));
   }
   for (int64_t j = 0; j < H; j += 16) {
     const __mmask16 m = lanes(H - j);
@@ -173,15 +188,17 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& l
 constexpr int64_t kMinRowsPerThread = 16;
 
 // One step of the forward loop on the layer's whole buffers, so that the TorchScript loop makes
-// one call per step and no slices:
-//   z = [x_t | h_{t-1}] W   (xh[t] (B, D+H) times W (D+H, 4H); z (B, 4H) is scratch)
-//   acts[t] = [g, i, f, o] of z + bias;  c[t+1], tanh_c[t] from eqs 5-6;  h_t and x_{t+1} into
-//   xh[t+1] = the next step's [x_{t+1} | h_t]   (x (L, B, D): any strides, contiguous rows)
+// one call per step and no slices. xh (L+1, B, D+H) holds [x_t | h_{t-1}] in row t. Two forms:
+//   W = W_h (H, 4H), W_x (D, 4H):  z = h_{t-1} W_h, then + b + x_t W_x per row, skipping zeros
+//                                   of x_t (small D, e.g. one-hot digits: one row of W_x)
+//   W = [W_x; W_h] (D+H, 4H), W_x empty:  z = [x_t | h_{t-1}] W, then + b
+// then acts[t] = [g, i, f, o], c[t+1], tanh_c[t] (eqs 1-6), and h_t and x_{t+1} into xh[t+1],
+// the next step's input row (x (L, B, D): any strides, contiguous rows). z (B, 4H) is scratch.
 // Without a backward to feed, the buffers may be rings instead: acts and tanh_c with one row, c
 // and xh with two; step t then uses row t modulo their length, and everything stays in cache.
-void lstm_step_forward(const at::Tensor& W, const at::Tensor& z, const at::Tensor& acts, const at::Tensor& bias,
-                       const at::Tensor& c, const at::Tensor& tanh_c, const at::Tensor& xh, const at::Tensor& x,
-                       int64_t t) {
+void lstm_step_forward(const at::Tensor& W, const at::Tensor& W_x, const at::Tensor& z, const at::Tensor& acts,
+                       const at::Tensor& bias, const at::Tensor& c, const at::Tensor& tanh_c, const at::Tensor& xh,
+                       const at::Tensor& x, int64_t t) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: expected (L, B, D) with contiguous rows, got ", x.sizes());
   TORCH_CHECK(acts.dim() == 3 && acts.size(2) % 4 == 0, "acts: expected (L, B, 4H), got ", acts.sizes());
   const int64_t L = x.size(0), B = x.size(1), D = x.size(2), H = acts.size(2) / 4, DH = D + H;
@@ -190,7 +207,9 @@ void lstm_step_forward(const at::Tensor& W, const at::Tensor& z, const at::Tenso
   const int64_t A = acts.size(0), T = tanh_c.size(0), C = c.size(0), R = xh.size(0);
   TORCH_CHECK((A == L && T == L && C == L + 1 && R == L + 1) || (A == 1 && T == 1 && C == 2 && R == 2),
               "buffers: expected all steps (L, L, L+1, L+1 rows) or rings (1, 1, 2, 2 rows)");
-  check_shape(W, {DH, 4 * H}, acts, "W");
+  const bool split = W_x.numel() != 0;                 // W = W_h, x W_x added per row
+  if (split) check_shape(W_x, {D, 4 * H}, acts, "W_x");
+  check_shape(W, {split ? H : DH, 4 * H}, acts, "W");
   check_shape(z, {B, 4 * H}, acts, "z");
   check_shape(acts, {A, B, 4 * H}, acts, "acts");
   check_shape(bias, {4 * H}, acts, "bias");
@@ -198,10 +217,14 @@ void lstm_step_forward(const at::Tensor& W, const at::Tensor& z, const at::Tenso
   check_shape(tanh_c, {T, B, H}, acts, "tanh_c");
   check_shape(xh, {R, B, DH}, acts, "xh");
   const at::Tensor xh_t = xh.select(0, t % R);
+  const at::Tensor lhs = split ? xh_t.narrow(1, D, H) : xh_t;   // h_{t-1}, or [x_t | h_{t-1}]
+  const at::Tensor weight = W.detach();                          // W_h itself may be a parameter
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_step_forward", [&] {
-    const scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    scalar_t* z_ptr = z.data_ptr<scalar_t>();
     scalar_t* a = acts.data_ptr<scalar_t>() + (t % A) * B * 4 * H;
     const scalar_t* b_ptr = bias.data_ptr<scalar_t>();
+    const scalar_t* wx = split ? W_x.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x_now = xh_t.data_ptr<scalar_t>();
     const scalar_t* c_prev = c.data_ptr<scalar_t>() + (t % C) * B * H;
     scalar_t* c_next = c.data_ptr<scalar_t>() + ((t + 1) % C) * B * H;
     scalar_t* tc = tanh_c.data_ptr<scalar_t>() + (t % T) * B * H;
@@ -209,12 +232,14 @@ void lstm_step_forward(const at::Tensor& W, const at::Tensor& z, const at::Tenso
     const scalar_t* x_next = t + 1 < L ? x.data_ptr<scalar_t>() + (t + 1) * x.stride(0) : nullptr;
     const int64_t x_row = x.stride(1);
     at::parallel_for(0, B, kMinRowsPerThread, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad;   // the pool's threads do not inherit the caller's grad mode
       at::Tensor z_rows = z.narrow(0, begin, end - begin);
-      at::mm_out(z_rows, xh_t.narrow(0, begin, end - begin), W);                        // eqs 1-4, inside
+      at::mm_out(z_rows, lhs.narrow(0, begin, end - begin), weight);                 // eqs 1-4, inside
       for (int64_t r = begin; r < end; ++r) {
+        scalar_t* z_r = z_ptr + r * 4 * H;
+        add_input_row<scalar_t>(z_r, b_ptr, x_now + r * DH, wx, split ? D : 0, 4 * H);
         scalar_t* xh_r = next_row + r * DH;
-        forward_row<scalar_t>(z_ptr + r * 4 * H, a + r * 4 * H, b_ptr, c_prev + r * H, c_next + r * H, tc + r * H,
-                              xh_r + D, H);
+        forward_row<scalar_t>(z_r, a + r * 4 * H, c_prev + r * H, c_next + r * H, tc + r * H, xh_r + D, H);
         if (x_next != nullptr) std::memcpy(xh_r, x_next + r * x_row, D * sizeof(scalar_t));
       }
     });
@@ -262,6 +287,7 @@ void lstm_step_backward(const at::Tensor& W_hT, const at::Tensor& dz, const at::
     at::parallel_for(0, P, parts_per_thread, [&](int64_t p_begin, int64_t p_end) {
       const int64_t r0 = std::min(B, p_begin * rows_per_part), r1 = std::min(B, p_end * rows_per_part);
       if (r1 <= r0) return;
+      at::NoGradGuard no_grad;   // the pool's threads do not inherit the caller's grad mode
       if (t + 1 < L) {                                   // dh_t = dz_{t+1} W_h^T (+ from outside)
         at::Tensor dh_rows = dh.narrow(0, r0, r1 - r0);
         if (has_out) {
@@ -286,8 +312,8 @@ void lstm_step_backward(const at::Tensor& W_hT, const at::Tensor& dz, const at::
 }  // namespace palgan
 
 TORCH_LIBRARY(palgan, m) {
-  m.def("lstm_step_forward(Tensor W, Tensor(a!) z, Tensor(b!) acts, Tensor bias, Tensor(c!) c, Tensor(d!) tanh_c, "
-        "Tensor(e!) xh, Tensor x, int t) -> ()");
+  m.def("lstm_step_forward(Tensor W, Tensor W_x, Tensor(a!) z, Tensor(b!) acts, Tensor bias, Tensor(c!) c, "
+        "Tensor(d!) tanh_c, Tensor(e!) xh, Tensor x, int t) -> ()");
   m.def("lstm_step_backward(Tensor W_hT, Tensor(a!) dz, Tensor(b!) dh, Tensor dh_out, Tensor acts, Tensor c, "
         "Tensor tanh_c, Tensor(c!) dc_carry, Tensor(d!) db_parts, int t) -> ()");
 }
