@@ -16,13 +16,16 @@ the report's orientation (``x @ W_gx`` with ``W_gx: (D, H)``).
 Backends:
 - ``"script"`` (default): the fused layer. ``LSTMFunction`` is a ``torch.autograd.Function``
   whose forward and backward (back-propagation through time written out by hand) are
-  TorchScript functions. Forward: per step one matmul, ``[x_t | h_{t-1}] @ [W_x; W_h]``, and one
-  pointwise block that also stores the local derivatives the backward needs. Backward: a
-  reverse loop that forms the four gates' gradients per step and dh with one matmul, then the
-  weight gradients of all steps with one matmul. Buffers are reused across calls (``Workspace``).
-  On CPU in float32/float64 each step's pointwise block is one call of a fused C++ kernel
-  (``models/csrc/lstm_cell.cpp``, built on first use, see ``models/lstm_kernels.py``); on GPU,
-  in bf16/fp16, or without a C++ compiler it is written in TorchScript ops.
+  TorchScript loops over time. Forward: per step one matmul and one pointwise block (eqs 1-6).
+  Backward: per step dh with one matmul and the four gates' gradients, then the weight
+  gradients with one matmul per few steps. Two forms of the step:
+  - on CPU in float32/float64, one call of a C++ op per step (``models/csrc/lstm_cell.cpp``,
+    built on first use, see ``models/lstm_kernels.py``) doing that step's matmul and its
+    pointwise block, each thread on its own batch rows (``lstm_forward_cpu``,
+    ``lstm_backward_cpu``);
+  - elsewhere (GPU, bf16/fp16, no C++ compiler) the pointwise block as TorchScript ops, with the
+    local derivatives stored in the forward (``lstm_forward``, ``lstm_backward``).
+  Buffers are reused across calls (``Workspace``).
 - ``"eager"``: the plain Python loop with autograd, the reference.
 
 Under autocast (bf16 on CPU or GPU, fp16 on GPU) the fused layer runs its whole recurrence in

@@ -1,9 +1,10 @@
-// The pointwise halves of one LSTM step, forward and backward, as two fused CPU kernels.
+// One LSTM step, forward and backward, as two CPU ops: the step's matmul and its pointwise block.
 //
-// The fused LSTM layer (models/lstm.py) runs its time loop in TorchScript: per step one matmul
-// and one call of a kernel below. Written as TorchScript ops, the pointwise block is 8-17 ops per
-// step, each a pass over memory and an interpreter dispatch; here it is one pass. Registered as
-// torch.ops.palgan.* so that TorchScript can call them; float32 and float64, contiguous rows.
+// The fused LSTM layer (models/lstm.py) runs its time loops in TorchScript and calls one of these
+// ops per step. Written as TorchScript ops, the pointwise block is 8-17 ops per step, each a pass
+// over memory and an interpreter dispatch; here it is one pass, run by each thread on its own batch
+// rows right after its share of the matmul. Registered as torch.ops.palgan.* so that TorchScript can
+// call them; float32 and float64, contiguous buffers.
 //
 // Activations (float): sigma(x) = 1 / (1 + e^-x) and tanh(x) = 2 sigma(2x) - 1, with e^x from
 // a degree-5 polynomial (max. relative error about 2e-7); written as plain loops that the
