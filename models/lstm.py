@@ -280,7 +280,7 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
 SMALL_INPUT = 32          # up to this input size the step op adds x_t W_x itself, skipping zeros
 DZ_RING_FLOATS = 1 << 18  # the backward's ring of gate gradients: about 1 MB in float32, so it stays in L2
 DB_PARTS = 8              # partial sums of the bias gradient: fixed, so results do not depend on threads
-CPU_KERNELS = True        # use the C++ pointwise kernels where they apply (tests and benchmarks turn this off)
+CPU_KERNELS = True        # use the C++ step ops where they apply (tests and benchmarks turn this off)
 _cpu_step_functions: list = []
 
 
