@@ -240,7 +240,7 @@ void release_matmul() {
 }
 
 // Rows [begin, end) of the batch for this thread: each thread runs the step's matmul on its own
-// rows (MKL, called inside the parallel region, runs single-threaded), then their pointwise
+// rows (matmul_rows: single-threaded inside the parallel region), then their pointwise
 // block, with no hand-off in between. Batch rows are independent, so the split needs no sync
 // but the one at the end of the step.
 constexpr int64_t kMinRowsPerThread = 16;
