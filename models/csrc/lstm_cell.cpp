@@ -26,7 +26,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #if defined(__AVX512F__)
@@ -192,6 +194,8 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& l
 bool brgemm_float_works() {
   static const bool works = [] {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
+    const char* off = std::getenv("PALGAN_LSTM_BRGEMM");   // "0": at::mm instead, to compare
+    if (off != nullptr && std::string(off) == "0") return false;
     try {
       float a[16 * 16], b[16 * 16], c[16 * 16];
       for (int k = 0; k < 16 * 16; ++k) { a[k] = float(k % 7) - 3.0f; b[k] = float(k % 5) - 2.0f; }
