@@ -301,6 +301,36 @@ def test_lstm_nan_reaches_the_logits(backend):
     assert torch.isnan(p).all()
 
 
+@needs_compiler
+def test_lstm_step_matmul_fallback_matches_nn_lstm():
+    """PALGAN_LSTM_BRGEMM=0: the step ops' matmuls through at::mm instead of the micro-kernel (the
+    path where brgemm is missing); float32 logits and weight gradients against nn.LSTM."""
+    code = """
+import torch
+from torch import nn
+from models.lstm import LSTM
+torch.manual_seed(0)
+m = LSTM(10, 48, 5)
+ref = nn.LSTM(10, 48, batch_first=True)
+w = m.gate_weights(); order = ("i", "f", "g", "o")
+with torch.no_grad():
+    ref.weight_ih_l0.copy_(torch.cat([w[f"W_{k}x"].T for k in order]))
+    ref.weight_hh_l0.copy_(torch.cat([w[f"W_{k}h"].T for k in order]))
+    ref.bias_ih_l0.copy_(torch.cat([w[f"b_{k}"] for k in order])); ref.bias_hh_l0.zero_()
+x = torch.randn(40, 9, 10)
+h = m(x)
+h_ref = ref(x)[0][:, -1] @ m.W_ph + m.b_p               # the same head on nn.LSTM's h_L
+m(x).sum().backward()
+(ref(x)[0][:, -1] @ m.W_ph.detach()).sum().backward()
+g_ref = torch.cat([ref.weight_hh_l0.grad[k * 48:(k + 1) * 48] for k in (2, 0, 1, 3)]).T
+print((h - h_ref).abs().max().item(), (m.W_h.grad - g_ref).abs().max().item())
+"""
+    proc = run_script(["-c", code], PALGAN_LSTM_BRGEMM="0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err_h, err_grad = map(float, proc.stdout.split())
+    assert err_h < 1e-4 and err_grad < 1e-4, (err_h, err_grad)
+
+
 def test_lstm_without_the_kernels_warns_once_and_matches(monkeypatch):
     """No compiler: one RuntimeWarning saying what to do, then the TorchScript-only path."""
     def no_compiler():
