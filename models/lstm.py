@@ -233,7 +233,7 @@ def lstm_forward_cpu(x: Tensor, W_x: Tensor, W_h: Tensor, b: Tensor, W: Tensor, 
 
 def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: Tensor, W_h: Tensor,
                       xh: Tensor, acts: Tensor, c: Tensor, tanh_c: Tensor, dz: Tensor, W_hT: Tensor,
-                      db_parts: Tensor, dW: Tensor, need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+                      db_parts: Tensor, dW: Tensor, xhT: Tensor, need_dx: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """Back-propagation through time for ``lstm_forward_cpu``, each step one call of
     ``palgan::lstm_step_backward``: dh_t with one matmul, ``dz_{t+1} W_h^T``, then the step's
     gate gradients, the carried dc, and their sum over the batch (the bias gradient).
@@ -269,9 +269,12 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
             n = min(K, L - t)
             dz_chunk = dz[:n].view(n * B, 4 * H)
             xh_chunk = xh[t:t + n].view(n * B, D + H)
-            if t + n == L:                                   # the first chunk: dW = ...
+            if xhT.numel() != 0:                             # dW (+)= sum [x_t | h_{t-1}]^T dz_t
+                torch.ops.palgan.lstm_weight_grad(xh_chunk, dz_chunk, dW, xhT[:(D + H) * n * B].view(D + H, n * B),
+                                                  t + n < L)
+            elif t + n == L:                                 # the first chunk: dW = ...
                 torch.mm(xh_chunk.t(), dz_chunk, out=dW)
-            else:                                            # dW += sum [x_t | h_{t-1}]^T dz_t
+            else:
                 dW.addmm_(xh_chunk.t(), dz_chunk)
             if need_dx:
                 torch.mm(dz_chunk, W_x.t(), out=dx[t:t + n].view(n * B, D))
@@ -282,6 +285,7 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
 SMALL_INPUT = 32          # up to this input size the step op adds x_t W_x itself, skipping zeros
 DZ_RING_FLOATS = 1 << 18  # the backward's ring of gate gradients: about 1 MB in float32, so it stays in L2
 DB_PARTS = 8              # partial sums of the bias gradient: fixed, so results do not depend on threads
+WEIGHT_GRAD_KERNEL = True
 CPU_KERNELS = True        # use the C++ step ops where they apply (tests and benchmarks turn this off)
 _cpu_step_functions: list = []
 
@@ -388,9 +392,12 @@ class LSTMFunction(torch.autograd.Function):
                 dz, W_hT = WORKSPACE.take((K, B, H4), xh), WORKSPACE.take((H4, H), xh)
                 db_parts = WORKSPACE.take((DB_PARTS, H4), xh)
                 dW = xh.new_empty(D + H, H4)     # handed out as the gradients: not from the pool
+                xhT = WORKSPACE.take(((D + H) * K * B,), xh) if WEIGHT_GRAD_KERNEL else xh.new_empty(0)
                 dx, dW_x, dW_h, db = ctx.backward_loop(dh_seq, dh_last, W_x, W_h, *ctx.buffers, dz, W_hT,
-                                                       db_parts, dW, ctx.needs_input_grad[0])
+                                                       db_parts, dW, xhT, ctx.needs_input_grad[0])
                 WORKSPACE.give(dz, W_hT, db_parts)
+                if WEIGHT_GRAD_KERNEL:
+                    WORKSPACE.give(xhT)
         return dx, dW_x, dW_h, db, None, None
 
 
