@@ -240,12 +240,13 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
 
     The gate gradients live in ``dz (K, B, 4H)``, a ring of the last K steps small enough to stay
     in cache: each time K steps are done, their share of the weight gradient is added in one
-    matmul, ``dW += [x_t | h_{t-1}]^T dz_t`` over those steps. ``db_parts (P, 4H)`` holds the op's
+    matmul, ``dW += [x_t | h_{t-1}]^T dz_t`` over those steps: ``palgan::lstm_weight_grad``, the
+    micro-kernel after transposing those rows of xh into the scratch ``xhT`` (flat, at least
+    ``(D+H) K B``), or with an empty ``xhT`` MKL's addmm. ``db_parts (P, 4H)`` holds the op's
     partial sums of the bias gradient; ``W_hT (4H, H)`` is a buffer too, and ``dW (D+H, 4H)`` a
-    fresh tensor whose two blocks are handed out as the gradients. (The same matmul through the
-    micro-kernel, after transposing xh's rows, measured no faster than MKL's.)
-    (Summing ``x_t^T dz_t`` in the op, skipping zero inputs, as the forward does, measured no
-    faster.) Returns dL/dx, dL/dW_x, dL/dW_h, dL/db."""
+    fresh tensor whose two blocks are handed out as the gradients. (Summing ``x_t^T dz_t`` in the
+    step op, skipping zero inputs, as the forward does, measured no faster.)
+    Returns dL/dx, dL/dW_x, dL/dW_h, dL/db."""
     L, B, H4 = acts.shape
     H = H4 // 4
     D = W_x.shape[0]
@@ -285,7 +286,7 @@ def lstm_backward_cpu(dh_seq: Optional[Tensor], dh_last: Optional[Tensor], W_x: 
 SMALL_INPUT = 32          # up to this input size the step op adds x_t W_x itself, skipping zeros
 DZ_RING_FLOATS = 1 << 18  # the backward's ring of gate gradients: about 1 MB in float32, so it stays in L2
 DB_PARTS = 8              # partial sums of the bias gradient: fixed, so results do not depend on threads
-WEIGHT_GRAD_KERNEL = True
+WEIGHT_GRAD_KERNEL = True  # the weight gradients through lstm_weight_grad (False: MKL's addmm, to compare)
 CPU_KERNELS = True        # use the C++ step ops where they apply (tests and benchmarks turn this off)
 _cpu_step_functions: list = []
 
