@@ -71,27 +71,42 @@ inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 template <typename T> inline T tanh_(T x) { return T(2) * sigmoid(x + x) - T(1); }
 inline double tanh_(double x) { return std::tanh(x); }
 
-// z (4H) += bias + x W_x for one batch row, skipping the zero entries of x (D of them, W_x (D, 4H));
-// with one-hot input that is one row of W_x. D = 0 adds the bias only.
+// The input part of one batch row's pre-activations, x W_x (x: D entries, W_x (D, 4H)), for small
+// D: when x has at most one nonzero entry (one-hot digits: always), returns that row of W_x and
+// its factor in *scale, for the pointwise pass to add as it loads z; otherwise adds x W_x into z
+// here, skipping zero entries, and returns nullptr.
 template <typename T>
-void add_input_row(T* __restrict z, const T* __restrict bias, const T* __restrict x, const T* __restrict W_x,
-                   int64_t D, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) z[j] += bias[j];
+const T* input_row(T* __restrict z, const T* __restrict x, const T* __restrict W_x, int64_t D, int64_t n,
+                   T* scale) {
+  int64_t nonzero = 0, last = -1;
+  for (int64_t d = 0; d < D; ++d) {
+    if (x[d] != T(0)) { ++nonzero; last = d; }
+  }
+  *scale = nonzero == 1 ? x[last] : T(0);
+  if (nonzero <= 1) return nonzero == 1 ? W_x + last * n : nullptr;
   for (int64_t d = 0; d < D; ++d) {
     const T v = x[d];
     if (v == T(0)) continue;
     const T* w = W_x + d * n;
     for (int64_t j = 0; j < n; ++j) z[j] += v * w[j];
   }
+  return nullptr;
 }
 
-// One step, one batch row. z: (4H) pre-activations [g|i|f|o]; a: (4H) receives the activations;
-// c_prev, c, tanh_c, h: (H).
+// One step, one batch row. z: (4H) the matmul's part of the pre-activations [g|i|f|o], to which
+// the bias and, if w_row is given, scale * w_row are added as they are read; a: (4H) receives the
+// activations; c_prev, c, tanh_c, h: (H).
 template <typename T>
-void forward_row(const T* __restrict z, T* __restrict a, const T* __restrict c_prev, T* __restrict c,
-                 T* __restrict tanh_c, T* __restrict h, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) a[j] = tanh_(z[j]);                             // g  (1)
-  for (int64_t j = H; j < 4 * H; ++j) a[j] = sigmoid(z[j]);                       // i, f, o  (2-4)
+void forward_row(const T* __restrict z, const T* __restrict bias, const T* __restrict w_row, T scale,
+                 T* __restrict a, const T* __restrict c_prev, T* __restrict c, T* __restrict tanh_c,
+                 T* __restrict h, int64_t H) {
+  if (w_row != nullptr) {
+    for (int64_t j = 0; j < H; ++j) a[j] = tanh_(z[j] + bias[j] + scale * w_row[j]);         // g  (1)
+    for (int64_t j = H; j < 4 * H; ++j) a[j] = sigmoid(z[j] + bias[j] + scale * w_row[j]);   // i, f, o  (2-4)
+  } else {
+    for (int64_t j = 0; j < H; ++j) a[j] = tanh_(z[j] + bias[j]);
+    for (int64_t j = H; j < 4 * H; ++j) a[j] = sigmoid(z[j] + bias[j]);
+  }
   const T* g = a; const T* i = a + H; const T* f = a + 2 * H; const T* o = a + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
     const T cj = f[j] * c_prev[j] + i[j] * g[j];                                   // (5)
@@ -127,16 +142,24 @@ inline __m512 tanh16(__m512 x) {
 }
 inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
+// z + bias (+ scale * w_row) for 16 lanes.
+inline __m512 pre16(const float* z, const float* bias, const float* w_row, __m512 scale, int64_t j, __mmask16 m) {
+  const __m512 p = _mm512_add_ps(_mm512_maskz_loadu_ps(m, z + j), _mm512_maskz_loadu_ps(m, bias + j));
+  return w_row == nullptr ? p : _mm512_fmadd_ps(scale, _mm512_maskz_loadu_ps(m, w_row + j), p);
+}
+
 template <>
-void forward_row<float>(const float* __restrict z, float* __restrict a, const float* __restrict c_prev,
-                        float* __restrict c, float* __restrict tanh_c, float* __restrict h, int64_t H) {
+void forward_row<float>(const float* __restrict z, const float* __restrict bias, const float* __restrict w_row,
+                        float scale, float* __restrict a, const float* __restrict c_prev, float* __restrict c,
+                        float* __restrict tanh_c, float* __restrict h, int64_t H) {
+  const __m512 s = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < H; j += 16) {                                             // g  (1)
     const __mmask16 m = lanes(H - j);
-    _mm512_mask_storeu_ps(a + j, m, tanh16(_mm512_maskz_loadu_ps(m, z + j)));
+    _mm512_mask_storeu_ps(a + j, m, tanh16(pre16(z, bias, w_row, s, j, m)));
   }
   for (int64_t j = H; j < 4 * H; j += 16) {                                         // i, f, o  (2-4)
     const __mmask16 m = lanes(4 * H - j);
-    _mm512_mask_storeu_ps(a + j, m, sigmoid16(_mm512_maskz_loadu_ps(m, z + j)));
+    _mm512_mask_storeu_ps(a + j, m, sigmoid16(pre16(z, bias, w_row, s, j, m)));
   }
   for (int64_t j = 0; j < H; j += 16) {
     const __mmask16 m = lanes(H - j);
@@ -301,9 +324,11 @@ void lstm_step_forward(const at::Tensor& W, const at::Tensor& W_x, const at::Ten
       release_matmul();
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* z_r = z_ptr + r * 4 * H;
-        add_input_row<scalar_t>(z_r, b_ptr, x_now + r * DH, wx, split ? D : 0, 4 * H);
+        scalar_t scale = 0;
+        const scalar_t* w_row = split ? input_row<scalar_t>(z_r, x_now + r * DH, wx, D, 4 * H, &scale) : nullptr;
         scalar_t* xh_r = next_row + r * DH;
-        forward_row<scalar_t>(z_r, a + r * 4 * H, c_prev + r * H, c_next + r * H, tc + r * H, xh_r + D, H);
+        forward_row<scalar_t>(z_r, b_ptr, w_row, scale, a + r * 4 * H, c_prev + r * H, c_next + r * H, tc + r * H,
+                              xh_r + D, H);
         if (x_next != nullptr) std::memcpy(xh_r, x_next + r * x_row, D * sizeof(scalar_t));
       }
     });
