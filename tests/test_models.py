@@ -329,6 +329,19 @@ def test_weight_grad_op_matches_matmul(N, M, G, add, dtype, threads):
 
 
 @needs_compiler
+def test_weight_grad_benchmark_runs_and_restores_the_switch(capsys):
+    """benchmarks/lstm_weight_grad.py, one round: both measurements print, with positive figures,
+    and the module switch it flips is back where it was."""
+    from benchmarks import lstm_weight_grad
+    lstm_weight_grad.main(["--threads", "1", "--rounds", "1"])
+    out = capsys.readouterr().out
+    gflops = [float(line.split()[-2]) for line in out.splitlines() if line.endswith("GFLOP/s")]
+    ms = [float(line.split(" ms ")[0].split()[-1]) for line in out.splitlines() if "x nn.LSTM)" in line]
+    assert len(gflops) == 2 and len(ms) == 3 and min(gflops + ms) > 0, out
+    assert lstm_module.WEIGHT_GRAD_KERNEL is True
+
+
+@needs_compiler
 def test_lstm_step_matmul_fallback_matches_nn_lstm():
     """PALGAN_LSTM_BRGEMM=0: the step ops' matmuls through at::mm instead of the micro-kernel (the
     path where brgemm is missing); float32 logits and weight gradients against nn.LSTM."""
