@@ -396,13 +396,13 @@ void lstm_step_backward(const at::Tensor& W_hT, const at::Tensor& dz, const at::
   });
 }
 
-
 // The weight gradient of a run of steps: dW (D+H, 4H) (+ dW with add) = xh^T dz, for the rows
 // xh (N, D+H) = [x_t | h_{t-1}] and dz (N, 4H) of those steps (N = steps x batch), both contiguous.
 // The micro-kernel multiplies row-major operands only, so xh is first transposed into the
 // scratch xhT (D+H, N); then each thread takes its own columns of dW. On the dev machine this
-// ran at 105 GFLOP/s on one thread against MKL's 98 for xh.t() @ dz; with two threads both are
-// near 180. float64, or without the micro-kernel: addmm_ / mm_out.
+// ran at 103-108 GFLOP/s on one thread against MKL's 93-98 for xh.t() @ dz, and at 157-205
+// against 150-177 on two (benchmarks/lstm_weight_grad.py). float64, or without the
+// micro-kernel: addmm_ / mm_out.
 void lstm_weight_grad(const at::Tensor& xh, const at::Tensor& dz, const at::Tensor& dW, const at::Tensor& xhT,
                       bool add) {
   TORCH_CHECK(xh.dim() == 2 && dz.dim() == 2 && xh.size(0) == dz.size(0),
