@@ -1,18 +1,27 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Variables that would point a test run at a real wandb account or a user's Accelerate setup.
+# NETRC is set to an empty file rather than removed: without it, wandb and the trainers read ~/.netrc.
+_CLEARED_PREFIXES = ("WANDB_", "ACCELERATE_")
+
 
 def clean_env(**extra) -> dict:
-    """The environment of a child run: offline wandb unless a test says otherwise."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update({"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    env.pop("WANDB_API_KEY", None)
+    """The environment of a child run: no wandb credentials (so wandb runs offline), no WANDB_* or
+    ACCELERATE_* settings from the caller's shell, unless a test passes them in ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES)}
+    env.update({"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+                "NETRC": os.devnull})
     env.update(extra)
     return env
 
@@ -34,12 +43,76 @@ def assert_usage_error(proc, *needles):
         assert needle in lines[0], (needle, lines[0])
 
 
-@pytest.fixture
-def no_wandb_env(monkeypatch):
+def free_port() -> int:
+    """A TCP port that is free now. Call it right before the launch that uses it (not at collection
+    time, not in a module constant), so the window in which another program can take it stays short."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(child: subprocess.Popen, condition: Callable[[], bool], what: str, timeout: float = 120,
+             every: float = 0.02) -> None:
+    """Poll until ``condition()`` holds while ``child`` runs. Fails the test, naming ``what``, if the
+    child exits first or the timeout passes (the child is then killed, so no process is left behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return
+        if child.poll() is not None:
+            out = _tail(child)
+            pytest.fail(f"the run exited (code {child.returncode}) before {what}{out}")
+        if time.monotonic() > deadline:
+            child.kill()
+            child.wait()
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}{_tail(child)}")
+        time.sleep(every)
+
+
+def signal_when(child: subprocess.Popen, condition: Callable[[], bool], sig: int, what: str,
+                timeout: float = 120) -> None:
+    """Send ``sig`` to ``child`` once ``condition()`` holds (see ``wait_for``), and only then.
+    A run that finished, or failed, before the condition held fails the test with that reason."""
+    wait_for(child, condition, what, timeout)
+    if child.poll() is not None:   # exited between the check and the signal
+        pytest.fail(f"the run exited (code {child.returncode}) right after {what}, before "
+                    f"{signal.Signals(sig).name} could be sent{_tail(child)}")
+    child.send_signal(sig)
+
+
+def _tail(child: subprocess.Popen) -> str:
+    """The last lines of a finished child's stderr, when it was piped."""
+    if child.poll() is None or child.stderr is None or child.stderr.closed:
+        return ""
+    try:
+        err = child.stderr.read()
+    except (OSError, ValueError):
+        return ""
+    if isinstance(err, bytes):
+        err = err.decode(errors="replace")
+    return f"; its stderr ends:\n{err[-2000:]}" if err else ""
+
+
+def _clear_tracking_env(monkeypatch):
     for k in list(os.environ):
         if k.startswith("WANDB_"):
             monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", os.devnull)
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch):
+    """In-process tests get offline wandb as child runs do: no credentials from NETRC, ~/.netrc or
+    WANDB_API_KEY, and no WANDB_* settings from the caller's shell."""
+    _clear_tracking_env(monkeypatch)
+
+
+@pytest.fixture
+def no_wandb_env(monkeypatch):
+    """Kept for tests that ask for it by name; the autouse ``offline_env`` already does this."""
+    _clear_tracking_env(monkeypatch)
 
 
 @pytest.fixture(autouse=True)
