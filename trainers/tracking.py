@@ -50,17 +50,42 @@ class NullTracker:
         self.accelerator = accelerator
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        pass
+        """Scalars as history series (curves against ``step``)."""
 
-    def log_images(self, images: dict[str, str | Path], step: int) -> None:
-        pass
+    def log_images(self, images: dict[str, str | Path | tuple[str | Path, str]], step: int,
+                   caption: str | None = None) -> None:
+        """PNG files; a value ``(path, caption)`` or ``caption`` for all sets the text under the image."""
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
-        pass
+        """A ``wandb.Table``."""
+
+    def log_bar(self, key: str, labels: Sequence[Any], series: dict[str, Sequence[float]], step: int,
+                title: str = "") -> None:
+        """A native bar chart: one bar per (label, series), the series side by side per label."""
+
+    def log_lines(self, key: str, xs: Sequence[float], ys: dict[str, Sequence[float]], step: int,
+                  title: str = "", xname: str = "x") -> None:
+        """A native line plot: one line per entry of ``ys`` against the shared ``xs``."""
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """End-of-run numbers: the run summary, not one-point history series."""
 
     def finish(self) -> None:
         if self.accelerator is not None:
             self.accelerator.end_training()
+
+
+def bar_rows(labels: Sequence[Any], series: dict[str, Sequence[float]]) -> list[list[Any]]:
+    """Rows ``(bar, label, series, value)`` of a grouped bar chart; ``bar`` ("3 generated") sorts
+    the series of one label next to each other."""
+    rows = []
+    for k, label in enumerate(labels):
+        for name, values in series.items():
+            rows.append([f"{label} {name}", str(label), name, float(values[k])])
+    return rows
+
+
+BAR_COLUMNS = ("bar", "label", "series", "value")
 
 
 class WandbTracker(NullTracker):
@@ -74,18 +99,39 @@ class WandbTracker(NullTracker):
     def log(self, scalars, step):
         self.accelerator.log({k: float(v) for k, v in scalars.items()}, step=step)
 
-    def log_images(self, images, step):
+    def log_images(self, images, step, caption=None):
         import wandb
-        self.accelerator.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        out = {}
+        for key, value in images.items():
+            path, text = value if isinstance(value, tuple) else (value, caption)
+            out[key] = wandb.Image(str(path), caption=text)
+        self.accelerator.log(out, step=step)
 
     def log_table(self, key, columns, rows, step):
         import wandb
         self.accelerator.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=step)
 
+    def log_bar(self, key, labels, series, step, title=""):
+        import wandb
+        table = wandb.Table(columns=list(BAR_COLUMNS), data=bar_rows(labels, series))
+        self.accelerator.log({key: wandb.plot.bar(table, "bar", "value", title=title or key)}, step=step)
+
+    def log_lines(self, key, xs, ys, step, title="", xname="x"):
+        import wandb
+        chart = wandb.plot.line_series(xs=[float(x) for x in xs], ys=[[float(v) for v in y] for y in ys.values()],
+                                       keys=list(ys), title=title or key, xname=xname)
+        self.accelerator.log({key: chart}, step=step)
+
+    def summary(self, values):
+        self.run.summary.update(dict(values))
+
 
 def start_tracker(accelerator, project: str, run_name: str, config: dict, run_dir: Path,
-                  group: str | None = None):
-    """Start the run's tracker: wandb on the main process if the Accelerator logs to it."""
+                  group: str | None = None, job_type: str | None = None, tags: Sequence[str] = ()):
+    """Start the run's tracker: wandb on the main process if the Accelerator logs to it.
+
+    ``job_type`` (train, evaluate, interpolate, sweep-trial, sweep-summary) and ``tags`` (model or
+    preset, T, precision) let the dashboard group and filter runs."""
     if not accelerator.is_main_process or not accelerator.log_with:
         return NullTracker(accelerator)
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -93,13 +139,22 @@ def start_tracker(accelerator, project: str, run_name: str, config: dict, run_di
     init = {"name": run_name, "dir": str(run_dir), "mode": wandb_mode()}
     if group:
         init["group"] = group
+    if job_type:
+        init["job_type"] = job_type
+    if tags:
+        init["tags"] = [str(t) for t in tags]
     accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
     return WandbTracker(accelerator)
 
 
 def read_offline_run(wandb_file: str | Path) -> dict[str, Any]:
-    """Read a ``run-*.wandb`` file back: ``{"history": [{key: value, "_step": n}, ...],
-    "config": {...}, "run": {"name", "group", "project"}}``, for tests and for a quick look without a server.
+    """Read a ``run-*.wandb`` file back, for tests and for a quick look without a server::
+
+        {"history": [{key: value, "_step": n}, ...], "summary": {key: value}, "config": {...},
+         "run": {"name", "group", "project", "job_type", "tags"}, "charts": {key: chart type},
+         "exit_code": int or None (None: the run never finished)}
+
+    Nested keys are joined with "/" (an image ``samples/grid`` gives ``samples/grid/path``, ...).
 
     The file is a LevelDB-style log (a 7-byte ``:W&B`` header, then 32 KiB blocks of
     ``crc32(4) length(2) type(1) payload`` chunks) of ``wandb_internal_pb2.Record`` messages.
@@ -128,15 +183,42 @@ def read_offline_run(wandb_file: str | Path) -> dict[str, Any]:
             rec.ParseFromString(pending)
             records.append(rec)
             pending = b""
-    out: dict[str, Any] = {"history": [], "config": {}, "run": {}}
+    out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "run": {}, "charts": {}, "exit_code": None}
+    key = lambda item: item.key or "/".join(item.nested_key)  # noqa: E731
     for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in rec.history.item}
-            out["history"].append(row)
-        elif kind == "run":  # the run's identity: {"name", "group", "project"}
-            out["run"] = {"name": rec.run.display_name, "group": rec.run.run_group, "project": rec.run.project}
+            out["history"].append({key(item): json.loads(item.value_json) for item in rec.history.item})
+        elif kind == "summary":
+            out["summary"].update({key(item): json.loads(item.value_json) for item in rec.summary.update})
+        elif kind == "run":  # the run's identity
+            out["run"] = {"name": rec.run.display_name, "group": rec.run.run_group, "project": rec.run.project,
+                          "job_type": rec.run.job_type, "tags": list(rec.run.tags)}
         elif kind == "config":
             for item in rec.config.update:
-                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+                name, value = key(item), json.loads(item.value_json)
+                if name.startswith("_wandb/visualize/"):   # a native chart: {key: "wandb/bar/v0", ...}
+                    out["charts"][name[len("_wandb/visualize/"):]] = value["panel_config"]["panelDefId"]
+                else:
+                    out["config"][name] = value
+        elif kind == "exit":
+            out["exit_code"] = rec.exit.exit_code
     return out
+
+
+def leet_summary(path: str | Path, timeout: float = 60) -> dict[str, Any] | None:
+    """wandb's own reading of an offline run: ``wandb leet inspect --summary --json <path>`` (state,
+    exit code, summary, tags, config), or ``None`` where this wandb has no ``leet`` command."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    proc = subprocess.run([exe, "leet", "inspect", "--summary", "--json", str(path)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        if "No such command" in proc.stderr:
+            return None
+        raise RuntimeError(f"wandb leet inspect {path} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout)
