@@ -96,7 +96,7 @@ def _tail(child: subprocess.Popen) -> str:
 
 def _clear_tracking_env(monkeypatch):
     for k in list(os.environ):
-        if k.startswith("WANDB_"):
+        if k.startswith(_CLEARED_PREFIXES):
             monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", os.devnull)
@@ -105,7 +105,8 @@ def _clear_tracking_env(monkeypatch):
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch):
     """In-process tests get offline wandb as child runs do: no credentials from NETRC, ~/.netrc or
-    WANDB_API_KEY, and no WANDB_* settings from the caller's shell."""
+    WANDB_API_KEY, and no WANDB_* or ACCELERATE_* settings from the caller's shell (the trainers read
+    ACCELERATE_MIXED_PRECISION)."""
     _clear_tracking_env(monkeypatch)
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from benchmarks.gan_speed import plain_train
-from conftest import ROOT, clean_env, run_script
+from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when
 from models.dcgan import Discriminator, Generator
 from trainers.cli import UsageError, run_cli
 from trainers.gan import (GANConfig, epoch_batches, generate, load_generator, load_train_images, main,
@@ -200,6 +200,21 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
         assert torch.equal(a[k], b[k]), k
     ma, mb = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("ref", "cut"))
     assert mb["steps"] == ma["steps"] == 64 and mb["last_epoch/loss_d"] == ma["last_epoch/loss_d"]
+
+
+def test_resume_under_another_number_of_processes_is_one_line_and_exit_2(tmp_path):
+    """Iterations per epoch and each rank's shard depend on the number of processes: a checkpoint
+    from 2 processes resumed by 1 is refused before anything loads or trains."""
+    train(tiny(tmp_path, run_name="two", max_steps=8, stages="0"))
+    meta_path = tmp_path / "two" / "checkpoints" / "step_00000008" / "palgan.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["processes"] == 1
+    meta_path.write_text(json.dumps({**meta, "processes": 2}))      # as `accelerate launch` with 2 writes it
+    before = {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
+    proc = run_script(["trainers/gan.py", *TINY_FLAGS, "--no-wandb", "--out-dir", tmp_path, "--run-name", "two",
+                       "--max-steps", "16", "--resume"])
+    assert_usage_error(proc, "step_00000008", "written by 2 process(es), not 1", "--num_processes 2")
+    assert {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()} == before
 
 
 # --- presets -------------------------------------------------------------------------------------

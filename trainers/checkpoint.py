@@ -51,7 +51,8 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {}})
+        write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {},
+                                       "processes": accelerator.num_processes})
         if final.exists():  # re-saving the same step (e.g. end of run right after a save)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -76,11 +77,24 @@ def read_meta(ckpt: Path) -> dict:
                          "delete that folder to fall back to the previous checkpoint") from None
 
 
+def check_processes(ckpt: Path, meta: dict, processes: int) -> None:
+    """Refuse a checkpoint written by another number of processes: each rank's data stream and
+    RNG file, and the steps per epoch, depend on it, so the run would not continue as it began."""
+    saved = meta.get("processes")
+    if saved is not None and saved != processes:
+        raise UsageError(f"--resume: checkpoint {ckpt} was written by {saved} process(es), not "
+                         f"{processes}; resume with {saved} (accelerate launch --num_processes "
+                         f"{saved}) or start a new --run-name")
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from: the latest one, checked against the number of
+    processes of this launch (``WORLD_SIZE``, as set by ``accelerate launch``) before any starts."""
     found = list_checkpoints(ckpt_dir)
     if not found:
         raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start "
                          "fresh, or pass the --out-dir/--run-name of the run to continue")
+    check_processes(found[-1], read_meta(found[-1]), int(os.environ.get("WORLD_SIZE", "1")))
     return found[-1]
 
 
@@ -101,8 +115,12 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint(accelerator, ckpt: Path) -> dict:
-    """Restore Accelerate's state from ``ckpt`` and return its meta record."""
+    """Restore Accelerate's state from ``ckpt`` and return its meta record.
+
+    Refuses a checkpoint written by another number of processes: each rank's data stream and
+    RNG file, and the steps per epoch, depend on it, so the run would not continue as it began."""
     meta = read_meta(ckpt)
+    check_processes(ckpt, meta, accelerator.num_processes)
     try:
         accelerator.load_state(str(ckpt))
     except Exception as err:  # corrupt or truncated tensors, wrong shapes, missing files
