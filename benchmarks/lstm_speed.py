@@ -1,6 +1,6 @@
 """How fast is each LSTM on this machine? Forward pass and one full RMSprop training step.
 
-    python benchmarks/lstm_speed.py                          # CPU, fp32, the three sizes of issue 3
+    python benchmarks/lstm_speed.py                          # CPU, fp32, the three sizes below
     python benchmarks/lstm_speed.py --sizes 128,128,20 --rounds 30
     python benchmarks/lstm_speed.py --device cuda --precision bf16 --json runs/bench/lstm_cuda_bf16.json
 
@@ -48,7 +48,7 @@ from models.lstm import LSTM, WORKSPACE
 INPUT_DIM = 10      # one-hot digits, as in the trainer
 NUM_CLASSES = 10
 CLIP_NORM = 10.0    # the trainer's default
-SIZES = ((128, 128, 20), (128, 128, 100), (64, 256, 50))   # (B, H, T) of issue 3
+SIZES = ((128, 128, 20), (128, 128, 100), (64, 256, 50))   # (B, H, T): short T, long T, wide H
 VARIANTS = ("report-loop", "eager", "script", "script-ts", "compile", "nn.LSTM")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -33,7 +33,7 @@ from trainers.cli import UsageError, arg, parse_config, require_at_least, requir
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "models" / "weights" / "mnist_cnn.pt"
 RETRAIN = "python -m trainers.classifier"   # the command every load error points to
-TARGET_ACCURACY = 0.99                      # the bar on the MNIST test set
+TARGET_ACCURACY = 0.99                      # the bar on the MNIST test set
 
 
 @dataclass

@@ -10,7 +10,7 @@
 // a degree-5 polynomial (max. relative error about 2e-7); written as plain loops that the
 // compiler vectorises (AVX2 or NEON, whichever the build flags allow), and with AVX-512 the same
 // formulas written with intrinsics (vscalefps for 2^n; about 20% faster than the compiler's
-// version on the dev machine). NaN propagates. float64 uses std::exp, so that gradcheck sees
+// version on a 2-core AVX-512 x86 VM). NaN propagates. float64 uses std::exp, so that gradcheck sees
 // exact derivatives.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -211,7 +211,7 @@ void check_shape(const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& l
 }
 
 // C (M, N) = A (M, K) @ B (K, N) (+ C with add), row-major with leading dimensions. For float, the
-// oneDNN micro-kernel behind at::native::cpublas::brgemm: on the dev machine it ran these shapes
+// oneDNN micro-kernel behind at::native::cpublas::brgemm: on an AVX-512 x86 VM it ran these shapes
 // 15-25% faster than at::mm (MKL), and it takes raw pointers, so a step makes no tensor views.
 // Where it is missing or refuses this CPU, and for double, at::mm_out / addmm_ on wrapped pointers.
 bool brgemm_float_works() {
@@ -399,7 +399,7 @@ void lstm_step_backward(const at::Tensor& W_hT, const at::Tensor& dz, const at::
 // The weight gradient of a run of steps: dW (D+H, 4H) (+ dW with add) = xh^T dz, for the rows
 // xh (N, D+H) = [x_t | h_{t-1}] and dz (N, 4H) of those steps (N = steps x batch), both contiguous.
 // The micro-kernel multiplies row-major operands only, so xh is first transposed into the
-// scratch xhT (D+H, N); then each thread takes its own columns of dW. On the dev machine this
+// scratch xhT (D+H, N); then each thread takes its own columns of dW. On an AVX-512 x86 VM this
 // ran at 103-108 GFLOP/s on one thread against MKL's 93-98 for xh.t() @ dz, and at 157-205
 // against 150-177 on two (benchmarks/lstm_weight_grad.py). float64, or without the
 // micro-kernel: addmm_ / mm_out.
