@@ -1,5 +1,6 @@
 """The evaluation classifier: the committed weights, their checksum, and the training script."""
 import json
+import re
 import shutil
 
 import pytest
@@ -8,8 +9,6 @@ import torch
 from data.mnist import load_mnist, to_unit_range
 from trainers.classifier import DEFAULT_WEIGHTS, RETRAIN, load_classifier, main, sha256_of, sidecar
 from trainers.cli import UsageError
-
-
 
 
 def test_committed_weights_reach_99_percent_on_every_test_image():
@@ -26,7 +25,6 @@ def test_committed_weights_reach_99_percent_on_every_test_image():
 def test_sidecar_records_the_sha256_of_the_committed_file():
     meta = json.loads(sidecar(DEFAULT_WEIGHTS).read_text())
     assert meta["sha256"] == sha256_of(DEFAULT_WEIGHTS)
-    assert meta["test_accuracy"] >= 0.99
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "remove_weights", "remove_sidecar"])
@@ -54,8 +52,17 @@ def test_corrupt_or_missing_weights_name_the_file_and_the_retrain_command(tmp_pa
 def test_training_script_writes_weights_that_load_with_their_checksum(tmp_path, capsys):
     out = tmp_path / "cnn.pt"
     record = main(["--max-steps", "3", "--batch-size", "32", "--out", str(out)])
-    assert record["steps"] == 3 and "test accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert record["steps"] == 3
     meta = json.loads(sidecar(out).read_text())
-    assert meta["sha256"] == sha256_of(out) and meta["test_accuracy"] == record["test_accuracy"]
+    assert meta["sha256"] == sha256_of(out)
     model = load_classifier(out)
-    assert not model.training and torch.isfinite(model(torch.zeros(2, 1, 28, 28))).all()
+    assert not model.training
+    # the accuracy it reports is that of the saved weights on all 10,000 test images, counted here
+    images, labels = load_mnist("test")
+    with torch.no_grad():
+        hits = sum(int((model(to_unit_range(images[i:i + 2500])).argmax(1) == labels[i:i + 2500]).sum())
+                   for i in range(0, len(images), 2500))
+    for claimed in (record["test_accuracy"], meta["test_accuracy"],
+                    float(re.search(r"test accuracy (\d\.\d+)", printed).group(1))):
+        assert abs(claimed - hits / len(images)) <= 5e-5 + 1e-9, (claimed, hits)
