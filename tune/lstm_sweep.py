@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -243,37 +242,20 @@ def trial_dirname(trial) -> str:
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, with one line, when nothing listens at ``host:port`` (ray.init would hang or
-    print a long traceback)."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"--address must be host:port, ray://host:port or auto, got {address!r}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise UsageError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}); "
-                         "start one with `ray start --head` or leave --address out for a local Ray") from None
-
-
 def connect_ray(sc: SweepConfig) -> bool:
-    """Start a local Ray or join ``--address``; returns whether this call started it (and so
-    must shut it down). Reuses a session that is already up (tests share one)."""
+    """Start a local Ray or join ``--address`` (token auth, one-line errors, a watch on the head:
+    tune/cluster.py); returns whether this call started it (and so must shut it down). Reuses a
+    session that is already up (tests share one)."""
     import ray
 
-    if sc.address:
-        check_reachable(sc.address)
+    from tune.cluster import check_reachable, join
+
     if ray.is_initialized():
+        if sc.address:
+            check_reachable(sc.address)
         return False
     if sc.address:
-        try:
-            ray.init(address=sc.address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UsageError(f"--address {sc.address}: cannot join the Ray cluster "
-                             f"({str(err).splitlines()[0][:160]})") from None
+        join(sc.address)
     else:
         ray.init(num_cpus=sc.num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=256 * 1024 ** 2)
