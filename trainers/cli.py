@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+class JobFailure(Exception):
+    """The job could not go on (a rank died, a collective timed out): one line, exit code 1."""
 
 
 def arg(default: Any, help: str, group: str = "misc", choices: Sequence[Any] | None = None):
@@ -108,6 +114,21 @@ def require_at_least(value: int, low: int, name: str) -> None:
         raise UsageError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
 
 
+def require_writable_dir(path, name: str) -> None:
+    """``path`` is a folder that exists or can be made: no part of it is a file, and the nearest
+    existing folder is writable. Checked before any work, so a bad path costs nothing."""
+    path = Path(path).expanduser().absolute()
+    flag = _flag(name) if not name.startswith("-") else name
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
+                raise UsageError(f"{flag} {path} {where}; pass a folder path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UsageError(f"{flag} {path}: cannot write in {parent}; pass a folder you can write to")
+            return
+
+
 def validate_field_choices(cfg) -> None:
     """Check every field declared with ``choices`` (also for configs built in code, e.g. by Ray)."""
     for f in dataclasses.fields(cfg):
@@ -117,10 +138,14 @@ def validate_field_choices(cfg) -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
-    """Call ``main(argv)``; a UsageError becomes one line on stderr and exit code 2."""
+    """Call ``main(argv)``; a UsageError becomes one line on stderr and exit code 2, a JobFailure
+    one line and exit code 1."""
+    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "palgan"
     try:
         main(argv)
     except UsageError as err:
-        prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "palgan"
         sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
+    except JobFailure as err:
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        sys.exit(1)

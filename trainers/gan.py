@@ -32,15 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import trainers.gan_eval as gan_eval
 from data.mnist import load_mnist, to_unit_range
 from models.dcgan import LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
-from trainers.checkpoint import (latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
-                                 save_checkpoint, write_json_atomic)
+from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, write_json_atomic
 from trainers.cli import (UsageError, arg, make_parser, require_at_least, require_non_negative,
-                          require_positive, run_cli, validate_field_choices)
+                          require_positive, require_writable_dir, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure, smooth
-from trainers.runtime import (MIXED_PRECISION, StopFlag, check_run_dir_is_free, fingerprint,
-                              gather_fingerprints, generator_for, make_accelerator)
+from trainers.gan_sampling import generate, load_generator_state, noise
+from trainers.runtime import (DIST_TIMEOUT_S, MIXED_PRECISION, Shards, StopFlag, check_run_dir_is_free,
+                              collective_failures, fingerprint, gather_fingerprints, generator_for,
+                              launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
 
 PRESET_NAMES = ("auto", "paper", "cpu-demo")
@@ -50,7 +52,6 @@ DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of 
 NOISE_STREAM = 1_002
 FIXED_STREAM = 1_003
 BN_STREAM = 1_004
-SAMPLE_STREAM = 1_005
 BN_CALIBRATION = (8, 256)  # batches x size of z used to re-estimate the EMA generator's BatchNorm stats
 
 
@@ -80,8 +81,12 @@ class GANConfig:
     stages: str = arg("0,1,5,10,20,30,40,50", "epochs after which the fixed-noise grid is saved "
                       "(0: before any step); stages past --epochs are dropped", "evaluation")
     log_every: int = arg(50, "iterations between train/* scalars", "evaluation")
-    eval_metrics: bool = arg(True, "at each stage and at the end, compute trainers.gan_eval's metrics "
-                             "(FID, classifier score) and interpolations if that module is present", "evaluation")
+    eval_metrics: bool = arg(True, "at each stage and at the end, compute the metrics of trainers/gan_eval.py "
+                             "(FID, classifier score, class histogram) and the latent walks; with several "
+                             "processes every rank scores its share", "evaluation")
+    stage_samples: int = arg(gan_eval.STAGE_SAMPLES, "images scored at each stage", "evaluation")
+    eval_samples: int = arg(gan_eval.FULL_SAMPLES, "images scored at the end (the real floor uses 10,000)",
+                            "evaluation")
     # logging
     wandb: bool = arg(True, "log to wandb (offline without an API key); --no-wandb for none", "logging")
     wandb_project: str = arg("palgan", "wandb project", "logging")
@@ -93,6 +98,8 @@ class GANConfig:
     checkpoint_every: int = arg(1000, "iterations between checkpoints (every epoch end saves too)", "run")
     keep_checkpoints: int = arg(3, "checkpoints kept (the oldest are deleted)", "run")
     progress: bool = arg(True, "show a tqdm bar on the main process", "run")
+    dist_timeout: int = arg(DIST_TIMEOUT_S, "seconds a process waits in one collective before the job "
+                            "ends with an error (a dead or stuck rank)", "run")
 
     def validate(self) -> None:
         validate_field_choices(self)
@@ -104,10 +111,12 @@ class GANConfig:
             if value >= 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be below 1, got {value!r}")
         for name in ("epochs", "batch_size", "base_channels", "latent_dim", "log_every",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "dist_timeout"):
             require_at_least(getattr(self, name), 1, name)
         for name in ("max_steps", "train_subset", "num_threads"):
             require_at_least(getattr(self, name), 0, name)
+        for name in ("stage_samples", "eval_samples"):
+            require_at_least(getattr(self, name), 2, name)
         self.stage_list()
 
     def stage_list(self) -> list[int]:
@@ -206,11 +215,6 @@ def epoch_batches(cfg: GANConfig, n_images: int, rank: int, world: int, epoch: i
     return shard[: iters * cfg.batch_size].view(iters, cfg.batch_size)
 
 
-def noise(n: int, latent_dim: int, *keys: int) -> torch.Tensor:
-    """``(n, latent_dim)`` standard normal z, a pure function of ``keys``."""
-    return torch.randn(n, latent_dim, generator=generator_for(*keys))
-
-
 def fixed_noise(cfg: GANConfig) -> torch.Tensor:
     """The z of every stage grid, the same for the whole run."""
     return noise(GRID_SIDE * GRID_SIDE, cfg.latent_dim, cfg.seed, FIXED_STREAM)
@@ -268,23 +272,7 @@ def calibrate_batchnorm(generator: nn.Module, seed: int, batches: int, size: int
     return generator.eval()
 
 
-@torch.no_grad()
-def generate(generator: nn.Module, n: int, seed: int, batch: int = 500) -> torch.Tensor:
-    """``n`` images ``(n, 1, 28, 28)`` in [-1, 1] on the CPU, from z drawn with ``seed``."""
-    was_training = generator.training
-    generator.eval()
-    device = next(generator.parameters()).device
-    z = noise(n, generator.latent_dim, seed, SAMPLE_STREAM)
-    out = torch.cat([generator(z[i:i + batch].to(device)).float().cpu() for i in range(0, n, batch)])
-    generator.train(was_training)
-    return out.clamp_(-1, 1)
-
-
 # --- checkpoints -------------------------------------------------------------------------------
-
-G_WEIGHTS = "model.safetensors"          # accelerate's name for the first prepared model (G)
-EMA_WEIGHTS = "custom_checkpoint_0.pkl"  # ... and for the first object registered for checkpointing
-
 
 def config_from_meta(meta: dict) -> GANConfig:
     known = {f.name for f in fields(GANConfig)}
@@ -294,21 +282,8 @@ def config_from_meta(meta: dict) -> GANConfig:
 def load_generator(checkpoint_path: str | Path) -> tuple[Generator, GANConfig]:
     """The generator whose samples the run reports (the EMA one if the run kept one), in eval
     mode on the CPU, and the run's config. ``checkpoint_path``: a run, checkpoints/ or step folder."""
-    ckpt = resolve_checkpoint(Path(checkpoint_path))
-    cfg = config_from_meta(read_meta(ckpt))
-    generator = Generator(cfg.latent_dim, cfg.base_channels)
-    try:
-        if cfg.ema_decay > 0:
-            state = torch.load(ckpt / EMA_WEIGHTS, map_location="cpu", weights_only=True)
-            state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
-        else:
-            from safetensors.torch import load_file
-            state = load_file(str(ckpt / G_WEIGHTS))
-        generator.load_state_dict(state)
-    except Exception as err:  # missing, truncated or foreign files
-        raise UsageError(f"checkpoint {ckpt} cannot be loaded ({err.__class__.__name__}: "
-                         f"{str(err).splitlines()[0][:120] if str(err) else ''}); pass another checkpoint") from None
-    return generator.eval(), cfg
+    generator, config = load_generator_state(checkpoint_path)
+    return generator, config_from_meta({"config": config})
 
 
 def check_resumable(cfg: GANConfig, saved: GANConfig) -> None:
@@ -364,31 +339,12 @@ def plot_losses(history: dict[str, list[float]], iters_per_epoch: int, path: Pat
     return save_figure(fig, path)
 
 
-# --- the evaluation hooks (trainers/gan_eval.py, optional) -------------------------------------
-
-def eval_module():
-    """``trainers.gan_eval`` if it exists; an error inside it is raised, not hidden."""
-    try:
-        import trainers.gan_eval as gan_eval
-    except ModuleNotFoundError as err:
-        if err.name == "trainers.gan_eval":
-            return None
-        raise
-    return gan_eval
-
-
-def stage_metrics(generator: nn.Module, device) -> dict[str, float]:
-    gan_eval = eval_module()
-    if gan_eval is None or not hasattr(gan_eval, "stage_metrics"):
-        return {}
-    return {k: float(v) for k, v in gan_eval.stage_metrics(generator, device).items()}
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 def train(cfg: GANConfig) -> dict:
     """Train under an Accelerator (``accelerate launch`` decides devices and processes); return
-    the final metrics, also written to ``<run>/metrics.json``."""
+    the final metrics, also written to ``<run>/metrics.json``. A collective that fails or times
+    out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept."""
     cfg.validate()
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     check_run_dir_is_free(run_dir, cfg.resume)
@@ -398,13 +354,20 @@ def train(cfg: GANConfig) -> dict:
     images = load_train_images(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    with collective_failures(launched_processes(), cfg.dist_timeout, ckpt_dir):
+        return train_loop(cfg, images, resume_from)
+
+
+def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> dict:
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
 
     from accelerate.utils import DistributedDataParallelKwargs
     # Synchronised BatchNorm keeps every rank's BatchNorm buffers equal, so DDP need not
     # broadcast them (broadcasting in place between D's real and fake passes breaks autograd).
     accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb, run_dir,
-                                   [DistributedDataParallelKwargs(broadcast_buffers=False)])
+                                   [DistributedDataParallelKwargs(broadcast_buffers=False)], cfg.dist_timeout)
     rank, world, device, config = accelerator.process_index, accelerator.num_processes, accelerator.device, asdict(cfg)
+    shards = Shards(accelerator)   # how the ranks share the evaluation
     iters = iterations_per_epoch(len(images), cfg.batch_size, world)
     if iters < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} x {world} processes exceeds the {len(images)} "
@@ -449,26 +412,29 @@ def train(cfg: GANConfig) -> dict:
     t0 = time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
     aside = [0.0]   # seconds spent on stages and checkpoints, left out of the training speed
+    evaluation = [0.0]   # seconds spent on stages and the final evaluation
 
     def sampler() -> nn.Module:
         """The generator whose samples we show: the EMA one (BatchNorm re-estimated) or G."""
         return ema.calibrate(cfg.seed) if ema is not None else G_plain.eval()
 
     def stage(epoch: int, step: int) -> None:
-        """Grid and metrics of one stage, on the main process (the others wait)."""
+        """Grid and metrics of one stage. Every rank scores its share of the samples (collectives,
+        same order on every rank); rank 0 alone writes the grid and logs."""
         tick = time.perf_counter()
+        gen = sampler()   # equal weights on every rank, so equal samples
+        numbers = gan_eval.stage_metrics(gen, device, shards, cfg.stage_samples) if cfg.eval_metrics else {}
         if accelerator.is_main_process:
-            gen = sampler()
             with torch.no_grad():
                 grid = gen(z_fixed.to(device))
-            G_plain.train()
             png = save_grid(grid, stage_path(run_dir, epoch))
-            numbers = stage_metrics(gen, device) if cfg.eval_metrics else {}
             record["stages"][str(epoch)] = {"step": step, **numbers}
             tracker.log(numbers | {"stage/epoch": epoch}, step=step)
             tracker.log_images({"samples/grid": png}, step=step)
+        G_plain.train()
         accelerator.wait_for_everyone()
         aside[0] += time.perf_counter() - tick
+        evaluation[0] += time.perf_counter() - tick
 
     def checkpoint(at: int) -> Path:
         tick = time.perf_counter()
@@ -558,8 +524,13 @@ def train(cfg: GANConfig) -> dict:
             epoch_batches(cfg, len(images), rank, world, 1)[0]))})
     tail = max(1, min(iters, len(history["loss_d"])))   # the last epoch's means
     metrics.update({f"last_epoch/{k}": sum(v[-tail:]) / tail for k, v in history.items() if v})
+    tick = time.perf_counter()
+    metrics.update(finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, device, tracker,
+                              shards))   # every rank: the final evaluation is shared out
+    evaluation[0] += time.perf_counter() - tick
+    metrics.update({"eval_time_s": round(evaluation[0], 2),   # rank 0's, stages and final evaluation
+                    "eval_images_per_rank": gather_fingerprints(accelerator, gan_eval.images_scored())})
     if accelerator.is_main_process:
-        metrics.update(finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, device, tracker))
         write_json_atomic(run_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
@@ -580,10 +551,17 @@ def flush_stats(pending: list, history: dict, step: int, cfg: GANConfig) -> None
             history[key].append(value)
 
 
-def finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, device, tracker) -> dict:
-    """Final grid, figures, final metrics and the evaluation module's end-of-training outputs."""
+def finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, device, tracker,
+               shards: Shards) -> dict:
+    """Final metrics and walks (every rank takes its share), then, on rank 0 alone, the final
+    grid and the figures."""
     out = {}
     gen = sampler()
+    if finished and cfg.eval_metrics:   # final metrics (more samples than a stage) and the walks
+        out["final"] = gan_eval.end_of_training(gen, run_dir, tracker, step=step, shards=shards,
+                                                n=cfg.eval_samples)
+    if not shards.is_main:
+        return out
     with torch.no_grad():
         final = save_grid(gen(fixed_noise(cfg).to(device)), run_dir / "samples" / "final.png")
     figures = {"samples/final": final,
@@ -597,13 +575,6 @@ def finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, de
                   (f"end: iteration {step}", final)]
         figures["figures/three_panel"] = plot_stages(panels, run_dir / "figures" / "three_panel.png",
                                                      "start, middle and end of training")
-    gan_eval = eval_module() if finished and cfg.eval_metrics else None
-    if gan_eval is not None and hasattr(gan_eval, "end_of_training"):
-        # final metrics (more samples than a stage) and the interpolation figures
-        out["final"] = gan_eval.end_of_training(gen, run_dir, tracker, step=step) or {}
-    elif gan_eval is not None:
-        out["final"] = stage_metrics(gen, device)
-        tracker.log(out["final"], step=step)
     tracker.log_images(figures, step=step)
     return out
 
@@ -626,13 +597,24 @@ class SampleConfig:
 
 
 def sample_main(argv: Sequence[str]) -> Path:
+    """With several processes each rank generates its share and rank 0 writes the whole set."""
     parser = make_parser(SampleConfig, "Write N generated images as a .pt tensor or a .png grid.",
                          prog="trainers/gan.py sample")
     cfg = SampleConfig(**vars(parser.parse_args(argv)))
     cfg.validate()
-    generator, _ = load_generator(cfg.checkpoint)
-    images = generate(generator, cfg.n, cfg.seed)                  # (n, 1, 28, 28)
     out = Path(cfg.out)
+    require_writable_dir(out.parent, "--out")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; pass a file name ending in .pt or .png")
+    generator, _ = load_generator(cfg.checkpoint)
+    accelerator, shards = gan_eval.job_processes(out.parent)
+    with collective_failures(shards.world, DIST_TIMEOUT_S, None):
+        part = shards.part(cfg.n)
+        images = shards.gather(generate(generator, cfg.n, cfg.seed, part=part), cfg.n)   # (n, 1, 28, 28)
+    if accelerator is not None:
+        accelerator.end_training()
+    if not shards.is_main:
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".pt":
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -644,20 +626,13 @@ def sample_main(argv: Sequence[str]) -> Path:
     return out
 
 
-def dispatch_eval(command: str, argv: Sequence[str]):
-    gan_eval = eval_module()
-    if gan_eval is None:
-        raise UsageError(f"{command} is not available: trainers/gan_eval.py is missing from this checkout")
-    return getattr(gan_eval, f"{command}_main")(list(argv))
-
-
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "train"
     if command == "sample":
         return sample_main(argv)
     if command in ("evaluate", "interpolate"):
-        return dispatch_eval(command, argv)
+        return getattr(gan_eval, f"{command}_main")(list(argv))
     cfg = parse_train_args(argv)
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -19,13 +19,19 @@ Each is reported beside the same number for 10,000 real MNIST training images: t
 The trainer calls ``stage_metrics(generator, device)`` at each stage (2,000 samples, seconds
 on a CPU) and ``end_of_training(generator, run_dir, tracker)`` once (10,000 samples plus the
 interpolation figures).
+
+With several processes every rank calls them with the job's ``Shards``: each rank generates and
+classifies its own contiguous share of the samples (and of the test set, the floor and the
+endpoint search), the features and class probabilities are gathered in order on every rank, and
+the metrics are computed from exactly the rows one process would have made. Only rank 0 writes
+files. The FID metric never synchronises by itself (``sync_on_compute=False``): its inputs are
+already complete on every rank, so a rank-0-only ``compute`` cannot wait for the others.
 """
 from __future__ import annotations
 
 import math
 import sys
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +45,13 @@ from torch import Tensor, nn
 from data.mnist import load_mnist, to_unit_range
 from models.mnist_cnn import FEATURE_DIM, NUM_CLASSES
 from trainers.checkpoint import write_json_atomic
-from trainers.cli import UsageError, arg, parse_config, require_at_least, validate_field_choices
+from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_writable_dir,
+                          validate_field_choices)
 from trainers.figures import plt, save_figure
-from trainers.runtime import generator_for
+from trainers.gan_sampling import generate, load_generator_state, unwrap
+from trainers.runtime import (DIST_TIMEOUT_S, SINGLE, Shards, collective_failures, generator_for,
+                              launched_processes, make_accelerator)
+from trainers.tracking import start_tracker
 
 STAGE_SAMPLES = 2_000       # images per stage_metrics call: ~seconds on a 2-core CPU
 FULL_SAMPLES = 10_000       # images for the final numbers, as many as the floor uses
@@ -68,9 +78,13 @@ class FeatureInput(nn.Module):
 
 
 class Scorer:
-    """The shipped classifier and the FID statistics of the 10,000 MNIST test images."""
+    """The shipped classifier and the FID statistics of the 10,000 MNIST test images.
 
-    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
+    ``shards`` splits the featurisation of the test set across the job's processes (a collective);
+    the statistics that result are the same on every rank and the same as with one process."""
+
+    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None,
+                 shards: Shards = SINGLE):
         try:
             from torchmetrics.image.fid import FrechetInceptionDistance
         except ImportError:
@@ -79,17 +93,21 @@ class Scorer:
         from trainers.classifier import load_classifier
 
         self.device = torch.device(device)
+        self.images_scored = 0          # images this process put through the classifier
         self.classifier = load_classifier(weights, self.device)
-        self.fid = FrechetInceptionDistance(feature=FeatureInput(), reset_real_features=False)
+        self.fid = FrechetInceptionDistance(feature=FeatureInput(), reset_real_features=False,
+                                            sync_on_compute=False)
         test_images, _ = load_mnist("test")
-        test_features, _ = self.features_and_log_probs(to_unit_range(test_images))
-        self.fid.update(test_features, real=True)
+        part = shards.part(len(test_images))
+        test_features, _ = self.features_and_log_probs(to_unit_range(test_images[part.start:part.stop]))
+        self.fid.update(shards.gather(test_features, len(test_images)), real=True)
         self._floor_cache: tuple[Tensor, Tensor] | None = None
 
     @torch.no_grad()
     def features_and_log_probs(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(N, 1, 28, 28)`` in [-1, 1] -> features ``(N, 128)`` (float64, CPU) and log p(y|x) ``(N, 10)``."""
-        feats, logps = [], []
+        feats, logps = [torch.empty(0, FEATURE_DIM, dtype=torch.float64)], [torch.empty(0, NUM_CLASSES)]
+        self.images_scored += len(images)
         for i in range(0, len(images), BATCH):
             f = self.classifier.features(images[i:i + BATCH].to(self.device).float())   # (b, 128)
             feats.append(f.double().cpu())
@@ -106,15 +124,25 @@ class Scorer:
                 "min_class_frac": float(hist.min()), "max_class_frac": float(hist.max()),
                 "class_hist": [round(float(h), 4) for h in hist]}
 
-    def score_images(self, images: Tensor) -> dict:
-        return self.metrics(*self.features_and_log_probs(images))
+    def score_images(self, images: Tensor, shards: Shards = SINGLE) -> dict:
+        """Metrics of ``images`` (every rank holds them all; each classifies its share)."""
+        n = len(images)
+        part = shards.part(n)
+        return self.score_part(images[part.start:part.stop], n, shards)
 
-    def floor(self, n: int = FLOOR_SAMPLES) -> dict:
+    def score_part(self, images: Tensor, n: int, shards: Shards = SINGLE) -> dict:
+        """Metrics of ``n`` images of which this rank holds ``images``, its ``shards.part(n)``."""
+        features, log_probs = self.features_and_log_probs(images)
+        return self.metrics(shards.gather(features, n), shards.gather(log_probs, n))
+
+    def floor(self, n: int = FLOOR_SAMPLES, shards: Shards = SINGLE) -> dict:
         """The same metrics for ``n`` real MNIST training images (a fixed random subset)."""
         if self._floor_cache is None:
             train_images, _ = load_mnist("train")
             pick = torch.randperm(len(train_images), generator=generator_for(FLOOR_STREAM))[:FLOOR_SAMPLES]
-            self._floor_cache = self.features_and_log_probs(to_unit_range(train_images[pick]))
+            part = shards.part(FLOOR_SAMPLES)
+            features, log_probs = self.features_and_log_probs(to_unit_range(train_images[pick[part.start:part.stop]]))
+            self._floor_cache = shards.gather(features, FLOOR_SAMPLES), shards.gather(log_probs, FLOOR_SAMPLES)
         features, log_probs = self._floor_cache
         return self.metrics(features[:n], log_probs[:n])
 
@@ -127,10 +155,22 @@ class Scorer:
         return pred, conf, probs
 
 
-@lru_cache(maxsize=2)
-def scorer_for(device: str = "cpu") -> Scorer:
-    """One Scorer per device and process: the test-set statistics are computed once."""
-    return Scorer(device)
+_SCORERS: dict[str, Scorer] = {}
+
+
+def images_scored() -> int:
+    """Images this process has put through the classifier, over all its scorers."""
+    return sum(s.images_scored for s in _SCORERS.values())
+
+
+def scorer_for(device: str = "cpu", shards: Shards = SINGLE) -> Scorer:
+    """One Scorer per device and process: the test-set statistics are computed once (shared out
+    across ``shards``; every rank calls this at the same point, so a cached scorer is cached on all)."""
+    d = torch.device(device)
+    key = "cpu" if d.type == "cpu" else str(d)   # "cpu:0" and "cpu" are one device
+    if key not in _SCORERS:
+        _SCORERS[key] = Scorer(key, shards=shards)
+    return _SCORERS[key]
 
 
 def classifier_score(log_probs: Tensor) -> float:
@@ -162,10 +202,6 @@ def goal_check(generated: dict, floor: dict) -> dict:
 
 
 # --- the generator side ---------------------------------------------------------------------
-
-def unwrap(generator: nn.Module) -> nn.Module:
-    return getattr(generator, "module", generator)   # DDP / accelerate wrappers
-
 
 def latent_dim_of(generator: nn.Module) -> int:
     """``generator.latent_dim`` if set, else the input width of its first layer."""
@@ -199,21 +235,25 @@ def decode(generator: nn.Module, z: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def sample(generator: nn.Module, n: int, seed: int = 0) -> Tensor:
-    """The same ``n`` images as ``trainers/gan.py sample --n n --seed seed`` writes."""
-    from trainers.gan import generate
-    return generate(unwrap(generator), n, seed)
+def sample(generator: nn.Module, n: int, seed: int = 0, part: range | None = None) -> Tensor:
+    """The same ``n`` images as ``trainers/gan.py sample --n n --seed seed`` writes (only the
+    rows in ``part`` if given)."""
+    return generate(unwrap(generator), n, seed, part=part)
 
 
-def score_generator(generator: nn.Module, scorer: Scorer, n: int, seed: int = 0) -> dict:
-    return scorer.score_images(sample(generator, n, seed))
+def score_generator(generator: nn.Module, scorer: Scorer, n: int, seed: int = 0,
+                    shards: Shards = SINGLE) -> dict:
+    """Metrics of the generator's ``n`` samples; each rank generates and classifies its share."""
+    part = shards.part(n)
+    return scorer.score_part(sample(generator, n, seed, part), n, shards)
 
 
-def stage_metrics(generator: nn.Module, device: str | torch.device = "cpu") -> dict[str, float]:
+def stage_metrics(generator: nn.Module, device: str | torch.device = "cpu", shards: Shards = SINGLE,
+                  n: int = STAGE_SAMPLES) -> dict[str, float]:
     """Cheap metrics for one training stage, from 2,000 samples. FID is biased upwards at small n
     (the real-data floor is 4.5 at n=2,000 and 1.9 at n=10,000), so stage FIDs show the trend;
-    the goal is judged on the final 10,000-sample numbers."""
-    m = score_generator(generator, scorer_for(str(device)), STAGE_SAMPLES)
+    the goal is judged on the final 10,000-sample numbers. A collective under ``shards``."""
+    m = score_generator(generator, scorer_for(str(device), shards), n, shards=shards)
     return {"eval/fid": m["fid"], "eval/classifier_score": m["classifier_score"],
             "eval/class_entropy": m["class_entropy"], "eval/min_class_frac": m["min_class_frac"],
             "eval/max_class_frac": m["max_class_frac"]}
@@ -261,12 +301,15 @@ def slerp(z1: Tensor, z2: Tensor, t: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def find_endpoints(generator: nn.Module, scorer: Scorer, digits: Sequence[int], draws: int | None = None,
-                   seed: int = 0) -> dict[int, tuple[Tensor, float]]:
+                   seed: int = 0, shards: Shards = SINGLE) -> dict[int, tuple[Tensor, float]]:
     """For each digit, the latent (of ``draws`` seeded ones, default ENDPOINT_DRAWS) whose image
-    the classifier gives that digit with the highest probability, and that probability."""
+    the classifier gives that digit with the highest probability, and that probability. Each rank
+    decodes and classifies its share of the draws (a collective under ``shards``)."""
     draws = draws or ENDPOINT_DRAWS
-    z = latents(draws, latent_dim_of(generator), ENDPOINT_STREAM, seed)
-    _, _, probs = scorer.classify(decode(generator, z))
+    z = latents(draws, latent_dim_of(generator), ENDPOINT_STREAM, seed)       # (draws, d) on every rank
+    part = shards.part(draws)
+    _, _, probs = scorer.classify(decode(generator, z[part.start:part.stop]))
+    probs = shards.gather(probs, draws)                                         # (draws, 10)
     best = {}
     for d in sorted(set(digits)):
         k = int(probs[:, d].argmax())
@@ -328,10 +371,15 @@ def plot_comparison(walks: list[Walk], path: Path) -> Path:
 
 
 def interpolate(generator: nn.Module, scorer: Scorer, pairs: list[tuple[int, int]], steps: int, mode: str,
-                out_dir: Path, draws: int | None = None, seed: int = 0) -> tuple[list[Walk], dict[str, Path]]:
+                out_dir: Path, draws: int | None = None, seed: int = 0,
+                shards: Shards = SINGLE) -> tuple[list[Walk], dict[str, Path]]:
     """Every walk and its figures: ``interp_<mode>_<a>-<b>.png`` and, for ``both``,
-    ``interp_linear_vs_slerp.png``. Returns the walks and ``{tracker key: png path}``."""
-    ends = find_endpoints(generator, scorer, [d for p in pairs for d in p], draws, seed)
+    ``interp_linear_vs_slerp.png``. Returns the walks and ``{tracker key: png path}``.
+    Under ``shards`` every rank searches its share of the endpoints; rank 0 alone walks and
+    draws (a few dozen frames), the others return nothing."""
+    ends = find_endpoints(generator, scorer, [d for p in pairs for d in p], draws, seed, shards)
+    if not shards.is_main:
+        return [], {}
     modes = ("linear", "slerp") if mode == "both" else (mode,)
     walks = [walk(generator, scorer, p, ends, steps, m) for p in pairs for m in modes]
     figures = {f"interp/{w.mode}_{w.pair[0]}-{w.pair[1]}":
@@ -386,27 +434,33 @@ def format_report(generated: dict, floor: dict, labels: tuple[str, str] = ("gene
     return "\n".join(lines)
 
 
-def full_metrics(generator: nn.Module, scorer: Scorer, n: int | None = None, seed: int = 0) -> dict:
-    generated = score_generator(generator, scorer, n or FULL_SAMPLES, seed)
-    floor = scorer.floor()
+def full_metrics(generator: nn.Module, scorer: Scorer, n: int | None = None, seed: int = 0,
+                 shards: Shards = SINGLE) -> dict:
+    generated = score_generator(generator, scorer, n or FULL_SAMPLES, seed, shards)
+    floor = scorer.floor(shards=shards)
     return {"generated": generated, "real_floor": floor, "goal": goal_check(generated, floor)}
 
 
 def end_of_training(generator: nn.Module, run_dir: Path, tracker, step: int | None = None,
-                    pairs: str | None = None, steps: int = 9) -> dict:
-    """Final metrics (10,000 samples beside the floor) and the interpolation figures under
-    ``run_dir/figures``; images and a table go to ``tracker``. Returns ``flat_metrics`` for metrics.json."""
+                    pairs: str | None = None, steps: int = 9, shards: Shards = SINGLE,
+                    n: int | None = None) -> dict:
+    """Final metrics (``n``, default 10,000, samples beside the floor) and the interpolation
+    figures under ``run_dir/figures``; images and a table go to ``tracker``. Returns
+    ``flat_metrics`` for metrics.json. Every rank calls it; rank 0 alone writes and logs."""
     device = next(unwrap(generator).parameters()).device
-    scorer = scorer_for(str(device))
-    result = full_metrics(generator, scorer)
+    scorer = scorer_for(str(device), shards)
+    result = full_metrics(generator, scorer, n, shards=shards)
     pairs = pairs or DEFAULT_PAIRS
     figures_dir = Path(run_dir) / "figures"
-    walks, figures = interpolate(generator, scorer, parse_pairs(pairs), steps, "both", figures_dir)
+    walks, figures = interpolate(generator, scorer, parse_pairs(pairs), steps, "both", figures_dir,
+                                 shards=shards)
+    final = flat_metrics(result)
+    if not shards.is_main:
+        return final
     figures["eval/class_histogram"] = plot_class_histogram(result["generated"], result["real_floor"],
                                                            figures_dir / "class_histogram.png")
     tracker.log_images(figures, step=step)
     tracker.log_table("interp/walks", TABLE_COLUMNS, walk_rows(walks), step=step)
-    final = flat_metrics(result)
     tracker.log({f"final/{k}": v for k, v in final.items()}, step=step)
     print(format_report(result["generated"], result["real_floor"]))
     return final
@@ -470,12 +524,21 @@ def _device() -> torch.device:
 def _load_generator(checkpoint: str) -> tuple[nn.Module, Path]:
     """The checkpoint's generator (eval mode, on the device) and the run folder it belongs to."""
     from trainers.checkpoint import resolve_checkpoint
-    from trainers.gan import load_generator
 
     ckpt = resolve_checkpoint(Path(checkpoint))
-    generator, _ = load_generator(ckpt)
+    generator, _ = load_generator_state(ckpt)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     return generator.to(_device()).eval(), run_dir
+
+
+def job_processes(out: Path, use_wandb: bool = False):
+    """``(accelerator or None, shards)`` for a subcommand: under ``accelerate launch`` or torchrun
+    with several processes, the ranks share the work; alone, no process group is made unless
+    wandb needs an Accelerator."""
+    if launched_processes() == 1 and not use_wandb:
+        return None, SINGLE
+    accelerator = make_accelerator("no", use_wandb, out)
+    return accelerator, Shards(accelerator)
 
 
 def load_images(path: str) -> Tensor:
@@ -498,45 +561,67 @@ def load_images(path: str) -> Tensor:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> dict:
+    """Every rank scores its share of the images; rank 0 writes metrics.json and the histogram."""
+
     cfg = parse_config(EvaluateConfig, argv, description="Score generated digits with the shipped classifier "
                        "(FID, classifier score, class histogram) beside real MNIST.", prog="trainers/gan.py evaluate")
     if cfg.images:
         images = load_images(cfg.images)
         out = Path(cfg.out) if cfg.out else Path(cfg.images).with_name(Path(cfg.images).stem + "_eval")
-        source = str(Path(cfg.images).resolve())
+        source, generator = str(Path(cfg.images).resolve()), None
     else:
         generator, run_dir = _load_generator(cfg.checkpoint)
-        images = sample(generator, cfg.n, cfg.seed)
         out = Path(cfg.out) if cfg.out else run_dir / "eval"
         source = str(Path(cfg.checkpoint).resolve())
-    scorer = scorer_for(str(_device()))
-    generated, floor = scorer.score_images(images), scorer.floor()
+    require_writable_dir(out, "--out")
+    accelerator, shards = job_processes(out)
+    with collective_failures(shards.world, DIST_TIMEOUT_S, None):
+        scorer = scorer_for(str(_device()), shards)
+        if generator is None:
+            generated = scorer.score_images(images, shards)
+        else:
+            generated = score_generator(generator, scorer, cfg.n, cfg.seed, shards)
+        floor = scorer.floor(shards=shards)
     result = {"source": source, "generated": generated, "real_floor": floor, "goal": goal_check(generated, floor),
-              "config": asdict(cfg)}
-    write_json_atomic(out / "metrics.json", result)
-    plot_class_histogram(generated, floor, out / "class_histogram.png")
-    print(format_report(generated, floor))
-    print(f"FID / floor {result['goal']['fid_over_floor']:.2f} -> {out}/metrics.json, {out}/class_histogram.png")
+              "config": asdict(cfg), "processes": shards.world}
+    if shards.is_main:
+        write_json_atomic(out / "metrics.json", result)
+        plot_class_histogram(generated, floor, out / "class_histogram.png")
+        print(format_report(generated, floor))
+        print(f"FID / floor {result['goal']['fid_over_floor']:.2f} -> {out}/metrics.json, {out}/class_histogram.png")
+    if accelerator is not None:
+        accelerator.end_training()
     return result
 
 
 def interpolate_main(argv: Sequence[str] | None = None) -> list[Walk]:
+    """Every rank searches its share of the endpoint draws; rank 0 walks, draws and logs."""
     cfg = parse_config(InterpolateConfig, argv, description="Latent walks between digit pairs, linear and SLERP, "
                        "labelled by the shipped classifier.", prog="trainers/gan.py interpolate")
     generator, run_dir = _load_generator(cfg.checkpoint)
     out = Path(cfg.out) if cfg.out else run_dir / "eval"
-    walks, figures = interpolate(generator, scorer_for(str(_device())), parse_pairs(cfg.pairs), cfg.steps, cfg.mode, out,
-                                 cfg.draws, cfg.seed)
-    print_walks(walks)
-    if cfg.wandb:
-        from trainers.runtime import make_accelerator
-        from trainers.tracking import start_tracker
-        accelerator = make_accelerator("no", True, out)
-        tracker = start_tracker(accelerator, cfg.wandb_project, f"interpolate-{run_dir.name}", asdict(cfg), out)
+    require_writable_dir(out, "--out")
+    accelerator, shards = job_processes(out, cfg.wandb)
+    with collective_failures(shards.world, DIST_TIMEOUT_S, None):
+        walks, figures = interpolate(generator, scorer_for(str(_device()), shards), parse_pairs(cfg.pairs),
+                                     cfg.steps, cfg.mode, out, cfg.draws, cfg.seed, shards)
+    if accelerator is None:
+        return _report_walks(walks, figures)
+    tracker = start_tracker(accelerator, cfg.wandb_project, f"interpolate-{run_dir.name}", asdict(cfg), out) \
+        if cfg.wandb else None
+    if tracker is not None:
         tracker.log_images(figures, step=0)
         tracker.log_table("interp/walks", TABLE_COLUMNS, walk_rows(walks), step=0)
         tracker.finish()
-    print("wrote " + ", ".join(str(p) for p in figures.values()))
+    else:
+        accelerator.end_training()
+    return _report_walks(walks, figures)
+
+
+def _report_walks(walks: list[Walk], figures: dict[str, Path]) -> list[Walk]:
+    if walks:   # rank 0 (the others hold no walks)
+        print_walks(walks)
+        print("wrote " + ", ".join(str(p) for p in figures.values()))
     return walks
 
 

@@ -1,18 +1,25 @@
 """What both trainers need around the loop: the Accelerator, seeds, run folders, preemption."""
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainers.cli import UsageError
+from trainers.cli import JobFailure, UsageError, require_writable_dir
 from trainers.tracking import log_with
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Seconds a rank waits in one collective before the job ends with an error. Long enough for the
+# work rank 0 does alone while the others wait at a barrier (figures, wandb, checkpoint writes);
+# short enough that a dead or stuck rank costs minutes, not the backends' 10-30 minutes.
+DIST_TIMEOUT_S = 300
 
 
 def effective_precision(flag: str) -> str:
@@ -23,13 +30,16 @@ def effective_precision(flag: str) -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
-def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwargs_handlers=None):
+def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwargs_handlers=None,
+                     dist_timeout: float = DIST_TIMEOUT_S):
     """An ``Accelerator`` for this process; CPU, one GPU or DDP is decided by ``accelerate launch``.
 
     ``kwargs_handlers`` go to ``Accelerator`` as they are (the GAN passes
-    ``DistributedDataParallelKwargs(broadcast_buffers=False)`` for its SyncBatchNorm)."""
+    ``DistributedDataParallelKwargs(broadcast_buffers=False)`` for its SyncBatchNorm).
+    ``dist_timeout`` (seconds) bounds every collective of the process group."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import InitProcessGroupKwargs
 
     mixed_precision = effective_precision(mixed_precision)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -41,9 +51,109 @@ def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwarg
         PartialState._reset_state()
     # cpu=True on a machine with no GPU: under `accelerate launch` with several processes
     # (torchrun underneath) Accelerate then runs DDP over gloo instead of looking for CUDA.
+    if not torch.cuda.is_available():
+        guard_ddp_logger_on_gloo()
+    handlers = [*(kwargs_handlers or []), InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with(use_wandb),
-                       project_dir=str(run_dir), kwargs_handlers=kwargs_handlers,
+                       project_dir=str(run_dir), kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available())
+
+
+def guard_ddp_logger_on_gloo() -> None:
+    """Let DDP run over gloo with TORCH_DISTRIBUTED_DEBUG=DETAIL.
+
+    In that mode the process group's gloo backend is wrapped for the collective checks, and
+    torch 2.14's DDP logger casts the wrapper to the gloo backend while recording its
+    construction data, which crashes the process (SIGSEGV) before the first step. The
+    construction record is only a log line; skip it, keep the collective checks."""
+    if os.environ.get("TORCH_DISTRIBUTED_DEBUG", "").upper() != "DETAIL":
+        return
+    import torch.distributed as dist
+    if getattr(dist.Logger, "_palgan_guarded", False):
+        return
+
+    class GuardedLogger(dist.Logger):
+        _palgan_guarded = True
+
+        def set_construction_data_and_log(self, *args, **kwargs):
+            pass
+
+    dist.Logger = GuardedLogger
+
+
+def launched_processes() -> int:
+    """How many processes the launcher (accelerate launch, torchrun, SLURM via them) started."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# Words in the errors that gloo, NCCL and torch.distributed raise when a peer is gone or late.
+_COLLECTIVE_ERRORS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
+                      "gloo", "nccl", "processgroup", "peer", "rendezvous")
+
+
+@contextmanager
+def collective_failures(world: int, timeout: float, ckpt_dir: Path | None):
+    """Turn a failed or timed-out collective into a one-line JobFailure naming the likely cause.
+
+    With one process nothing changes. Checkpoints are written atomically, so whatever was saved
+    before the failure is intact and ``--resume`` continues from it."""
+    try:
+        yield
+    except RuntimeError as err:   # torch.distributed.DistError and gloo's errors are RuntimeErrors
+        text = str(err).strip()
+        first = text.splitlines()[0][:200] if text else err.__class__.__name__
+        is_dist = isinstance(err, getattr(torch.distributed, "DistError", ())) or \
+            any(word in text.lower() for word in _COLLECTIVE_ERRORS)
+        if world <= 1 or not is_dist:
+            raise
+        kept = f"checkpoints in {ckpt_dir} are kept; " if ckpt_dir is not None else ""
+        if "mismatch" in text.lower():
+            cause = "the ranks called different collectives (TORCH_DISTRIBUTED_DEBUG=DETAIL found it)"
+        elif "timed out" in text.lower() or "timeout" in text.lower():
+            cause = (f"a collective waited more than --dist-timeout {timeout:g}s: another rank is stuck, "
+                     "or its work alone took longer (raise --dist-timeout)")
+        else:
+            cause = "another rank died or lost its connection"
+        raise JobFailure(f"a collective across the {world} processes failed ({first}): {cause}; "
+                         f"{kept}rerun the same launch command with --resume") from None
+
+
+class Shards:
+    """How the processes of a job share one evaluation of ``n`` items.
+
+    Rank r takes the r-th of ``world`` contiguous parts (``part``); ``gather`` puts the parts
+    back in order, so every rank ends with exactly the rows one process would have computed.
+    ``gather`` is a collective: every rank calls it, in the same order.
+    """
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _size(self, n: int) -> int:
+        return math.ceil(n / self.world)
+
+    def part(self, n: int, rank: int | None = None) -> range:
+        k, r = self._size(n), self.rank if rank is None else rank
+        return range(min(r * k, n), min((r + 1) * k, n))
+
+    def gather(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """This rank's rows ``(len(part(n)), ...)`` -> all ``n`` rows in order, on the CPU, on every rank."""
+        if self.world == 1:
+            return local
+        k = self._size(n)
+        padded = local.new_zeros((k, *local.shape[1:]))          # equal shapes for all_gather
+        padded[:len(local)] = local
+        everyone = self.accelerator.gather(padded.to(self.accelerator.device)).cpu()   # (world * k, ...)
+        return torch.cat([everyone[r * k: r * k + len(self.part(n, r))] for r in range(self.world)])
+
+
+SINGLE = Shards()   # one process does all the work
 
 
 def stream_seed(*keys: int) -> int:
@@ -56,7 +166,10 @@ def generator_for(*keys: int) -> torch.Generator:
 
 
 def check_run_dir_is_free(run_dir: Path, resume: bool) -> None:
-    """Never train over a finished or checkpointed run unless asked to resume it."""
+    """The run folder can be written (no part of its path is a file) and, unless resuming, holds
+    no finished or checkpointed run. Checked before any training."""
+    require_writable_dir(run_dir.parent, "--out-dir")
+    require_writable_dir(run_dir, "--run-name")
     if resume:
         return
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) \
