@@ -11,6 +11,8 @@ weight N(1, 0.02), bias 0), as in Radford et al.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -79,19 +81,31 @@ def dcgan_init(model: nn.Module) -> None:
 
 # --- BatchNorm over several processes ----------------------------------------------------------
 
+# Seconds this process spent in GlobalBatchNorm2d's all-reduces (waiting for the other ranks
+# included), and how many it made: benchmarks/scaling.py reports their share of an iteration.
+ALL_REDUCE_STATS = {"seconds": 0.0, "calls": 0}
+
+
+def _timed_all_reduce(t: Tensor) -> None:
+    tick = time.perf_counter()
+    dist.all_reduce(t)
+    ALL_REDUCE_STATS["seconds"] += time.perf_counter() - tick
+    ALL_REDUCE_STATS["calls"] += 1
+
+
 class AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the gradient of a sum over ranks is the sum of the ranks' gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
         out = x.clone()
-        dist.all_reduce(out)
+        _timed_all_reduce(out)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.clone()
-        dist.all_reduce(grad)
+        _timed_all_reduce(grad)
         return grad
 
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import trainers.gan_eval as gan_eval
 from data.mnist import load_mnist, to_unit_range
-from models.dcgan import LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
+from models.dcgan import ALL_REDUCE_STATS, LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, write_json_atomic
 from trainers.cli import (UsageError, arg, make_parser, require_at_least, require_non_negative,
                           require_positive, require_writable_dir, run_cli, validate_field_choices)
@@ -453,6 +453,7 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
     pending: list[torch.Tensor] = []   # per-iteration stats kept on the device until the next log
     step, batches, batches_epoch = start, None, -1
     loop_start, aside[0] = time.perf_counter(), 0.0
+    ALL_REDUCE_STATS.update(seconds=0.0, calls=0)
     G.train()
     D.train()
     for step in range(start + 1, total + 1):
@@ -510,7 +511,10 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
     stop.restore()
     finished = step == total
 
-    metrics = {"steps": step, "epochs_done": step / iters, "iterations_per_epoch": iters,
+    bn = ALL_REDUCE_STATS   # GlobalBatchNorm2d's all-reduces (CPU, several processes), this rank's
+    metrics = {"bn_allreduce_s": round(bn["seconds"], 3), "bn_allreduce_calls": bn["calls"],
+               "bn_allreduce_share": round(bn["seconds"] / max(train_time, 1e-9), 4),
+               "steps": step, "epochs_done": step / iters, "iterations_per_epoch": iters,
                "finished": finished, "processes": world, "preset": cfg.preset,
                "wall_time_s": round(wall(), 2),
                "train_images_per_s": round((step - start) * cfg.batch_size * world / max(train_time, 1e-9), 1),
