@@ -1,12 +1,10 @@
 """The DCGAN and its trainer: shapes against SPEC, the loop against a plain PyTorch loop,
 multi-process BatchNorm against BatchNorm on the whole batch, files on disk, resume, bad input."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -83,7 +81,7 @@ def test_global_batchnorm_over_two_processes_equals_batchnorm_on_the_whole_batch
     (y_ref * w).sum().backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = 29_000 + os.getpid() % 1000
+    port = free_port()
     procs = [ctx.Process(target=global_bn_rank, args=(r, 2, port, x, w, weight, bias, queue)) for r in range(2)]
     for p in procs:
         p.start()
@@ -182,13 +180,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     train(make_config(**{**TINY, "epochs": 4, "stages": "0,2,4", "checkpoint_every": 20,
                          "out_dir": str(tmp_path), "run_name": "ref"}))
     child = subprocess.Popen([sys.executable, "trainers/gan.py", *map(str, flags), "--run-name", "cut"], cwd=ROOT,
-                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = tmp_path / "cut" / "checkpoints" / "step_00000020"
-    deadline = time.time() + 120
-    while not first.exists() and child.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    signal_when(child, first.exists, signal.SIGKILL, f"the first checkpoint {first.name} to appear", timeout=120)
+    child.communicate()
     assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "cut" / "metrics.json").exists()
 
