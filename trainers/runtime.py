@@ -91,6 +91,16 @@ _COLLECTIVE_ERRORS = ("timed out", "timeout", "connection closed", "connection r
                       "gloo", "nccl", "processgroup", "peer", "rendezvous")
 
 
+def _raised_in_distributed(err: BaseException) -> bool:
+    """Whether ``err`` came from inside torch.distributed (a collective, the store, the launcher)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if f"torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 @contextmanager
 def collective_failures(world: int, timeout: float, ckpt_dir: Path | None):
     """Turn a failed or timed-out collective into a one-line JobFailure naming the likely cause.
@@ -102,14 +112,15 @@ def collective_failures(world: int, timeout: float, ckpt_dir: Path | None):
     except RuntimeError as err:   # torch.distributed.DistError and gloo's errors are RuntimeErrors
         text = str(err).strip()
         first = text.splitlines()[0][:200] if text else err.__class__.__name__
-        is_dist = isinstance(err, getattr(torch.distributed, "DistError", ())) or \
-            any(word in text.lower() for word in _COLLECTIVE_ERRORS)
+        low = text.lower()
+        is_dist = isinstance(err, getattr(torch.distributed, "DistError", ())) or _raised_in_distributed(err) \
+            or any(word in low for word in _COLLECTIVE_ERRORS)
         if world <= 1 or not is_dist:
             raise
         kept = f"checkpoints in {ckpt_dir} are kept; " if ckpt_dir is not None else ""
-        if "mismatch" in text.lower():
+        if "mismatch" in low:
             cause = "the ranks called different collectives (TORCH_DISTRIBUTED_DEBUG=DETAIL found it)"
-        elif "timed out" in text.lower() or "timeout" in text.lower():
+        elif any(word in low for word in ("timed out", "timeout", "monitoredbarrier", " ms")):
             cause = (f"a collective waited more than --dist-timeout {timeout:g}s: another rank is stuck, "
                      "or its work alone took longer (raise --dist-timeout)")
         else:
