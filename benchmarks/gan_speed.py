@@ -27,8 +27,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 import torch.nn.functional as F
 
-from trainers.gan import (NOISE_STREAM, GANConfig, build_models, epoch_batches, iterations_per_epoch,
-                          load_train_images, make_config, noise, train)
+from trainers.gan import (GANConfig, build_models, epoch_batches, iterations_per_epoch,
+                          load_train_images, make_config, step_noise, train)
 
 
 def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models: bool = False):
@@ -54,7 +54,7 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
         real = images[batches[it]]
         if cfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        z = noise(cfg.batch_size, cfg.latent_dim, cfg.seed, NOISE_STREAM, 0, step)
+        z = step_noise(cfg, 0, 1, step)
         with autocast:                                   # D: maximise log D(x) + log(1 - D(G(z)))
             fake = G_run(z)
             logit_real, logit_fake = D_run(real).float(), D_run(fake.detach()).float()

@@ -215,6 +215,15 @@ def epoch_batches(cfg: GANConfig, n_images: int, rank: int, world: int, epoch: i
     return shard[: iters * cfg.batch_size].view(iters, cfg.batch_size)
 
 
+def step_noise(cfg: GANConfig, rank: int, world: int, step: int) -> torch.Tensor:
+    """``(batch, latent)`` z of ``rank`` at ``step``: its rows of the global batch's z, a pure function
+    of (seed, step). Together the ranks draw exactly the z that one process with ``world`` times the
+    batch would draw, so a run on N processes follows the one-process run (the key 0 keeps that
+    one-process stream as it has always been)."""
+    z = noise(cfg.batch_size * world, cfg.latent_dim, cfg.seed, NOISE_STREAM, 0, step)   # (world B, latent)
+    return z[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+
+
 def fixed_noise(cfg: GANConfig) -> torch.Tensor:
     """The z of every stage grid, the same for the whole run."""
     return noise(GRID_SIDE * GRID_SIDE, cfg.latent_dim, cfg.seed, FIXED_STREAM)
@@ -461,7 +470,7 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
         if batches_epoch != epoch:
             batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch), epoch
         real = images[batches[it]].to(device)                      # (B, 1, 28, 28)
-        z = noise(cfg.batch_size, cfg.latent_dim, cfg.seed, NOISE_STREAM, rank, step).to(device)
+        z = step_noise(cfg, rank, world, step).to(device)           # (B, latent)
         if cfg.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
 
