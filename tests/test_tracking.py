@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,6 +19,17 @@ from trainers.tracking import (BAR_COLUMNS, NullTracker, WandbTracker, bar_rows,
 def _png(path, seed):
     plt.imsave(path, np.random.default_rng(seed).random((28, 28)), cmap="gray")
     return path
+
+
+def finished_run(wandb_file, timeout: float = 60.0) -> dict:
+    """``read_offline_run`` once wandb's service has written the run's exit record (it may land a
+    moment after ``finish()`` returns on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = read_offline_run(wandb_file)
+        if run["exit_code"] is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
 
 
 def _public_methods(cls):
@@ -49,7 +61,7 @@ def test_bar_rows_put_each_labels_series_side_by_side():
 def test_offline_run_holds_summary_charts_captions_job_type_tags_and_ends_finished(tmp_path):
     accelerator = make_accelerator("no", True, tmp_path)
     tracker = start_tracker(accelerator, "palgan-test", "tracked", {"seed": 3}, tmp_path,
-                            group="g", job_type="evaluate", tags=["cpu-demo", "T5", "bf16"])
+                            group="g", job_type="evaluate", tags=["cpu-demo", "T5"])
     assert isinstance(tracker, WandbTracker)
     tracker.log({"train/loss": 0.5}, step=1)
     tracker.log_images({"samples/grid": _png(tmp_path / "a.png", 0),
@@ -65,9 +77,9 @@ def test_offline_run_holds_summary_charts_captions_job_type_tags_and_ends_finish
     tracker.finish()
 
     (wandb_file,) = run_dir.glob("run-*.wandb")
-    run = read_offline_run(wandb_file)
+    run = finished_run(wandb_file)
     assert run["exit_code"] == 0
-    assert run["run"]["job_type"] == "evaluate" and run["run"]["tags"] == ["cpu-demo", "T5", "bf16"]
+    assert run["run"]["job_type"] == "evaluate" and run["run"]["tags"] == ["cpu-demo", "T5", "fp32"]
     assert run["run"]["group"] == "g" and run["config"]["seed"] == 3
     assert run["summary"]["final/fid"] == 8.5 and run["summary"]["final/classifier_score"] == 8.9
     assert not any(k.startswith("final/") for row in run["history"] for k in row)   # summary only
@@ -95,5 +107,75 @@ def test_offline_run_holds_summary_charts_captions_job_type_tags_and_ends_finish
     if leet is None:
         pytest.skip("this wandb has no `wandb leet` command to cross-check with")
     assert leet["state"] == "finished" and leet["exit_code"] == 0
-    assert leet["summary"]["final/fid"] == 8.5 and leet["tags"] == ["cpu-demo", "T5", "bf16"]
+    assert leet["summary"]["final/fid"] == 8.5 and leet["tags"] == ["cpu-demo", "T5", "fp32"]
     assert leet["summary"]["samples/grid"]["caption"] == "epoch 1, step 2"
+
+
+# --- the trainers' runs --------------------------------------------------------------------------
+
+def _series(history: list[dict]) -> set[str]:
+    """The scalar series of a run's history (media keys such as ``x/path`` or ``x_table/...`` left out)."""
+    keys = {k for row in history for k in row}
+    media = {k.rsplit("/", 1)[0] for k in keys if k.endswith("/_type")}
+    return {k for k in keys if not k.startswith("_") and not any(k.startswith(m + "/") for m in media)}
+
+
+def test_gan_run_puts_final_numbers_in_the_summary_and_the_histogram_in_a_bar_chart(tmp_path):
+    from tests.conftest import run_script
+
+    proc = run_script(["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "4", "--batch-size", "32",
+                       "--train-subset", "256", "--epochs", "1", "--stages", "0,1", "--stage-samples", "200",
+                       "--eval-samples", "400", "--log-every", "4", "--no-progress", "--out-dir", tmp_path,
+                       "--run-name", "g"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    (wandb_file,) = (tmp_path / "g").glob("wandb/offline-run-*/run-*.wandb")
+    run = finished_run(wandb_file)
+
+    assert run["exit_code"] == 0
+    assert run["run"]["job_type"] == "train" and run["run"]["tags"] == ["cpu-demo", "b4", "bf16"]
+    assert _series(run["history"]) == {
+        "train/loss_d", "train/loss_g", "train/d_x", "train/d_g_z", "train/epoch", "train/skipped_d",
+        "train/skipped_g", "stage/epoch", "eval/fid", "eval/classifier_score", "eval/class_entropy",
+        "eval/min_class_frac", "eval/max_class_frac"}
+    final, summary = metrics["final"], run["summary"]
+    for key in ("fid", "fid_floor", "fid_over_floor", "classifier_score", "classifier_score_floor",
+                "class_entropy", "min_class_frac", "max_class_frac", "fid_ok", "score_ok", "classes_ok", "n"):
+        assert summary[f"final/{key}"] == pytest.approx(final[key]), key
+    for key in ("steps", "wall_time_s", "train_images_per_s", "finished"):
+        assert summary[key] == metrics[key], key
+    assert not any(k.startswith("class_frac") or k.startswith("final/class_frac") for k in summary)
+
+    assert run["charts"] == {"eval/class_histogram": "wandb/bar/v0"}
+    row = next(r for r in run["history"] if "eval/class_histogram_table/path" in r)
+    table = json.loads((wandb_file.parent / "files" / row["eval/class_histogram_table/path"]).read_text())
+    got = {(r[1], r[2]): r[3] for r in table["data"]}
+    for d in range(10):
+        assert got[(str(d), "generated")] == pytest.approx(final[f"class_frac_{d}"])
+        assert got[(str(d), "real floor")] == pytest.approx(final[f"class_frac_{d}_floor"])
+    captions = [r["samples/grid/caption"] for r in run["history"] if "samples/grid/caption" in r]
+    assert captions == ["epoch 0, iteration 0", f"epoch 1, iteration {metrics['steps']}"]
+    assert any(r.get("interp/walks/_type") == "table-file" for r in run["history"])
+
+    leet = leet_summary(wandb_file.parent)
+    if leet is not None:   # wandb's own reading agrees
+        assert leet["state"] == "finished" and leet["summary"]["final/fid"] == pytest.approx(final["fid"])
+
+
+def test_evaluate_with_wandb_is_an_evaluate_run_with_summary_and_bar_chart(tmp_path):
+    import torch
+
+    import trainers.gan_eval as ge
+
+    images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.save(images, tmp_path / "noise.pt")
+    result = ge.evaluate_main(["--images", str(tmp_path / "noise.pt"), "--wandb"])
+    (wandb_file,) = (tmp_path / "noise_eval").glob("wandb/offline-run-*/run-*.wandb")
+    run = finished_run(wandb_file)
+    assert run["exit_code"] == 0 and run["run"]["job_type"] == "evaluate"
+    assert run["run"]["name"] == "evaluate-noise" and run["run"]["tags"] == ["images", "fp32"]
+    assert run["summary"]["final/fid"] == pytest.approx(result["generated"]["fid"])
+    assert run["summary"]["final/fid_floor"] == pytest.approx(result["real_floor"]["fid"])
+    assert run["summary"]["final/n"] == 64
+    assert run["charts"] == {"eval/class_histogram": "wandb/bar/v0"}
+    assert not any(k.startswith("final/") for row in run["history"] for k in row)

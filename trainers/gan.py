@@ -53,6 +53,8 @@ NOISE_STREAM = 1_002
 FIXED_STREAM = 1_003
 BN_STREAM = 1_004
 BN_CALIBRATION = (8, 256)  # batches x size of z used to re-estimate the EMA generator's BatchNorm stats
+SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images_per_s", "eval_time_s",
+                "skipped_steps_d", "skipped_steps_g")   # metrics.json numbers the run's summary repeats
 
 
 @dataclass
@@ -143,9 +145,9 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     "cpu-demo": {
         "base_channels": 16,        # G costs ~b^2: b=16 runs ~4x faster than b=32 on a CPU
-        "epochs": 6,                # ~7-8 minutes of training on this shared 2-core CPU
+        "epochs": 6,                # ~7-8 minutes of training on a 2-core CPU
         "batch_size": 32,           # more updates per image: better than 64 for the same minutes
-        "mixed_precision": "bf16",  # ~1.3-1.5x faster than fp32 on this CPU (benchmarks/gan_speed.py)
+        "mixed_precision": "bf16",  # ~1.3-1.5x faster than fp32 on an AVX-512 CPU (benchmarks/gan_speed.py)
         "stages": "0,1,2,3,4,5,6",
         "ema_decay": 0.999,         # samples from an EMA of G's weights
         "checkpoint_every": 500,
@@ -415,7 +417,8 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
                 group["lr"], group["betas"] = cfg.lr, (cfg.beta1, cfg.beta2)
         accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
 
-    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir)
+    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, job_type="train",
+                            tags=[cfg.preset, f"b{cfg.base_channels}"])
     stop = StopFlag()
     z_fixed = fixed_noise(cfg)
     t0 = time.perf_counter()
@@ -439,7 +442,7 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
             png = save_grid(grid, stage_path(run_dir, epoch))
             record["stages"][str(epoch)] = {"step": step, **numbers}
             tracker.log(numbers | {"stage/epoch": epoch}, step=step)
-            tracker.log_images({"samples/grid": png}, step=step)
+            tracker.log_images({"samples/grid": png}, step=step, caption=f"epoch {epoch}, iteration {step}")
         G_plain.train()
         accelerator.wait_for_everyone()
         aside[0] += time.perf_counter() - tick
@@ -545,6 +548,7 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
                     "eval_images_per_rank": gather_fingerprints(accelerator, gan_eval.images_scored())})
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
+    tracker.summary({k: metrics[k] for k in SUMMARY_KEYS})   # end-of-run numbers (final/* come from gan_eval)
     accelerator.wait_for_everyone()
     tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
     return metrics
@@ -588,7 +592,7 @@ def finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, de
                   (f"end: iteration {step}", final)]
         figures["figures/three_panel"] = plot_stages(panels, run_dir / "figures" / "three_panel.png",
                                                      "start, middle and end of training")
-    tracker.log_images(figures, step=step)
+    tracker.log_images(figures, step=step, caption=f"iteration {step} (epoch {step / iters:g})")
     return out
 
 

@@ -126,12 +126,18 @@ class WandbTracker(NullTracker):
         self.run.summary.update(dict(values))
 
 
+def precision_tag(mixed_precision: str | None) -> str:
+    """``fp32`` for Accelerate's "no", else the autocast precision (bf16, fp16)."""
+    return "fp32" if mixed_precision in (None, "", "no") else str(mixed_precision)
+
+
 def start_tracker(accelerator, project: str, run_name: str, config: dict, run_dir: Path,
                   group: str | None = None, job_type: str | None = None, tags: Sequence[str] = ()):
     """Start the run's tracker: wandb on the main process if the Accelerator logs to it.
 
     ``job_type`` (train, evaluate, interpolate, sweep-trial, sweep-summary) and ``tags`` (model or
-    preset, T, precision) let the dashboard group and filter runs."""
+    preset, T) let the dashboard group and filter runs; the Accelerator's precision is added as a
+    last tag (fp32, bf16 or fp16)."""
     if not accelerator.is_main_process or not accelerator.log_with:
         return NullTracker(accelerator)
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -141,8 +147,7 @@ def start_tracker(accelerator, project: str, run_name: str, config: dict, run_di
         init["group"] = group
     if job_type:
         init["job_type"] = job_type
-    if tags:
-        init["tags"] = [str(t) for t in tags]
+    init["tags"] = [str(t) for t in tags] + [precision_tag(accelerator.mixed_precision)]
     accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
     return WandbTracker(accelerator)
 
