@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers.cli import UsageError
+from data import DataError
 
 DEFAULT_ROOT = Path(__file__).resolve().parent  # holds MNIST/raw/*.gz
 
@@ -30,20 +30,20 @@ SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def _read_verified(raw_dir: Path, name: str) -> bytes:
-    """Bytes of ``name`` (gzipped or not) after checking its md5; UsageError naming the path."""
+    """Bytes of ``name`` (gzipped or not) after checking its md5; DataError naming the path."""
     md5, size = FILES[name]
     gz, plain = raw_dir / f"{name}.gz", raw_dir / name
     path = gz if gz.exists() else plain
     if not path.exists():
-        raise UsageError(f"MNIST file {gz} is missing; restore it with `git checkout -- data/` "
+        raise DataError(f"MNIST file {gz} is missing; restore it with `git checkout -- data/` "
                          "or pass --data-dir pointing at a folder holding MNIST/raw/")
     try:
         blob = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise UsageError(f"MNIST file {path} is corrupt ({err}); restore it with "
+        raise DataError(f"MNIST file {path} is corrupt ({err}); restore it with "
                          "`git checkout -- data/`") from None
     if len(blob) != size or hashlib.md5(blob).hexdigest() != md5:
-        raise UsageError(f"MNIST file {path} is corrupt (md5 mismatch); restore it with "
+        raise DataError(f"MNIST file {path} is corrupt (md5 mismatch); restore it with "
                          "`git checkout -- data/`")
     return blob
 
@@ -63,7 +63,7 @@ def _torchvision_mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Tens
     try:
         ds = MNIST(str(root), train=split == "train", download=True)
     except Exception as err:  # no internet, unwritable root, ...
-        raise UsageError(f"--data-dir {root} holds no MNIST/raw/ files and torchvision could not "
+        raise DataError(f"--data-dir {root} holds no MNIST/raw/ files and torchvision could not "
                          f"download them ({err.__class__.__name__}); point --data-dir at the repo's "
                          "data/ folder") from None
     return ds.data, ds.targets.long()
@@ -76,7 +76,7 @@ def load_mnist(split: str = "train", root: str | Path | None = None) -> tuple[to
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else DEFAULT_ROOT
     if not root.exists():
-        raise UsageError(f"--data-dir {root} does not exist; pass the folder that holds MNIST/raw/")
+        raise DataError(f"--data-dir {root} does not exist; pass the folder that holds MNIST/raw/")
     raw_dir = root / "MNIST" / "raw"
     if not _has_local_copy(raw_dir):
         return _torchvision_mnist(root, split)

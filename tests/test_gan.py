@@ -16,6 +16,7 @@ from torch import nn
 
 from benchmarks.gan_speed import plain_train
 from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when
+from data import DataError
 from models.dcgan import Discriminator, Generator
 from trainers.cli import UsageError, run_cli
 from trainers.gan import (BN_CALIBRATION, GANConfig, calibrate_batchnorm, epoch_batches, fixed_noise, generate,
@@ -318,7 +319,7 @@ def test_corrupt_mnist_file_is_named_and_nothing_is_written(tmp_path):
     shutil.copy(ROOT / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", raw)
     gz = raw / "train-images-idx3-ubyte.gz"
     gz.write_bytes((ROOT / "data" / "MNIST" / "raw" / gz.name).read_bytes()[:100_000])   # truncated
-    with pytest.raises(UsageError, match="corrupt") as err:
+    with pytest.raises(DataError, match="corrupt") as err:
         train(make_config(**{**TINY, "data_dir": str(tmp_path / "data"), "out_dir": str(tmp_path / "runs")}))
     assert str(gz) in str(err.value)
     assert not (tmp_path / "runs").exists()

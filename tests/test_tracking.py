@@ -10,6 +10,7 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from conftest import run_script
 
 from trainers.runtime import make_accelerator
 from trainers.tracking import (BAR_COLUMNS, NullTracker, WandbTracker, bar_rows, leet_summary,
@@ -121,8 +122,6 @@ def _series(history: list[dict]) -> set[str]:
 
 
 def test_gan_run_puts_final_numbers_in_the_summary_and_the_histogram_in_a_bar_chart(tmp_path):
-    from tests.conftest import run_script
-
     proc = run_script(["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "4", "--batch-size", "32",
                        "--train-subset", "256", "--epochs", "1", "--stages", "0,1", "--stage-samples", "200",
                        "--eval-samples", "400", "--log-every", "4", "--no-progress", "--out-dir", tmp_path,

@@ -14,9 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from data import DataError
+
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+INPUT_ERRORS = (UsageError, DataError)   # both are the user's to fix: one line, exit code 2
 
 
 class JobFailure(Exception):
@@ -143,7 +148,7 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "palgan"
     try:
         main(argv)
-    except UsageError as err:
+    except INPUT_ERRORS as err:
         sys.stderr.write(f"{prog}: error: {err}\n")
         sys.exit(2)
     except JobFailure as err:
