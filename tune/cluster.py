@@ -12,6 +12,7 @@ line (:class:`UsageError`) instead of Ray's 20 s of retries.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -211,9 +212,13 @@ def join(address: str) -> None:
         address = resolve(address)
         source = prepare_auth(address)
         probe_head(address, source)
-    try:
-        ray.init(address=address, log_to_driver=True)
+    try:   # Ray's "Connecting to ..." INFO lines would go to stderr; one line on stdout says it instead
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, RayError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise UsageError(f"--address {address}: cannot join the Ray cluster ({first})") from None
+    logging.getLogger("ray").setLevel(logging.INFO)
+    total = ray.cluster_resources()
+    print(f"joined the Ray cluster at {address}: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPUs, "
+          f"{total.get('GPU', 0):g} GPUs; auth: {'token from ' + source if source else 'none'}", flush=True)
     watch_head(address)

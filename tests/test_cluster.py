@@ -1,0 +1,194 @@
+"""The sweep against a real Ray cluster started as users start one (`ray start --head`, token auth on
+because a token exists), each run as the command users type; bad cluster input. One head serves the
+module; the test of a head dying mid-sweep starts its own and resumes on the module's."""
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, assert_usage_error, clean_env
+
+SWEEP = ["tune/lstm_sweep.py", "--models", "lstm", "--seq-lengths", "4,5", "--hidden-dims", "6",
+         "--forget-biases", "1", "--num-samples", "1", "--batch-size", "16", "--val-size", "100",
+         "--eval-every", "10", "--grace-period", "10"]
+LOST_LINE = "stopped answering mid-run; start the cluster again and rerun the same command with --resume"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(home: Path, **extra) -> dict:
+    """A user's shell on a cluster machine: its own home (and so its own ~/.ray/auth_token), no Ray
+    auth variables; the LSTM's compiled step ops keep their usual cache."""
+    env = clean_env(HOME=str(home), WANDB_MODE="offline", TORCH_DISTRIBUTED_DEBUG="DETAIL",
+                    TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                        os.path.expanduser("~/.cache/torch_extensions")),
+                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def home_with_token(folder: Path, token: str | None) -> Path:
+    (folder / ".ray").mkdir(parents=True, exist_ok=True)
+    if token is not None:
+        (folder / ".ray" / "auth_token").write_text(token + "\n")
+    return folder
+
+
+class Head:
+    """`ray start --head --block` on a free port, in its own process group, stopped by that group."""
+
+    def __init__(self, home: Path, num_cpus: int = 2):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")   # short: Ray's socket paths
+        self.log = open(Path(self.temp_dir) / "head.log", "w+")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(self.port),
+             "--num-cpus", str(num_cpus), "--include-dashboard", "false", "--disable-usage-stats",
+             "--temp-dir", self.temp_dir],
+            cwd=ROOT, env=cluster_env(home), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while "Ray runtime started" not in Path(self.log.name).read_text():
+            assert self.proc.poll() is None and time.time() < deadline, Path(self.log.name).read_text()[-3000:]
+            time.sleep(0.3)
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill(signal.SIGKILL)
+        self.proc.wait(timeout=20)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """The head machine's home, with the token `ray get-auth-token --generate` would have written."""
+    return home_with_token(tmp_path_factory.mktemp("home"), secrets.token_hex(32))
+
+
+@pytest.fixture(scope="module")
+def head(home):
+    h = Head(home)
+    yield h
+    h.stop()
+
+
+def sweep(args, home: Path, timeout=400, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=cluster_env(home, **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def results(sweep_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(sweep_dir / "results.csv")))
+
+
+def test_head_requires_the_token(head, home, tmp_path):
+    """The head turned token auth on (a token exists on its machine): a driver without the token
+    gets one line naming the fix; so does one whose token differs."""
+    no_token = sweep([*SWEEP, "--steps", "20", "--address", head.address, "--out-dir", tmp_path],
+                     home_with_token(tmp_path / "empty", None), timeout=120)
+    assert_usage_error(no_token, "requires token auth", "no token", "~/.ray/auth_token", "ray get-auth-token")
+    wrong = sweep([*SWEEP, "--steps", "20", "--address", head.address, "--out-dir", tmp_path],
+                  home_with_token(tmp_path / "other", secrets.token_hex(32)), timeout=120)
+    assert_usage_error(wrong, "refused the auth token from ~/.ray/auth_token", "ray get-auth-token")
+    disabled = sweep([*SWEEP, "--steps", "20", "--address", head.address, "--out-dir", tmp_path], home,
+                     timeout=120, RAY_AUTH_MODE="disabled")
+    assert_usage_error(disabled, "requires token auth but RAY_AUTH_MODE=disabled")
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_sweep_through_address_on_a_token_head(head, home, tmp_path):
+    t0 = time.perf_counter()
+    done = sweep([*SWEEP, "--steps", "30", "--address", head.address, "--out-dir", tmp_path, "--name", "joined"],
+                 home)
+    wall = time.perf_counter() - t0
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "joined"
+    rows = results(sweep_dir)
+    assert sorted(int(r["seq_length"]) for r in rows) == [4, 5]
+    for r in rows:
+        assert r["status"] == "completed" and int(r["steps"]) == 30, r
+        # the trial ran in a worker of the head (not in the driver) and wrote its own record
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert metrics["steps"] == 30 and metrics["val/acc"] == pytest.approx(float(r["val_acc"]))
+        (trial_dir,) = (sweep_dir / "tune").glob(f"*-{r['trial_id']}")
+        reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert [rep["step"] for rep in reports] == [10, 20, 30]
+    assert (sweep_dir / "table.md").is_file()
+    print(f"2-trial sweep through --address: {wall:.1f}s")
+
+
+def test_gpus_per_trial_above_the_cluster(head, home, tmp_path):
+    proc = sweep([*SWEEP, "--steps", "20", "--gpus-per-trial", "1", "--address", head.address,
+                  "--out-dir", tmp_path], home, timeout=120)
+    assert_usage_error(proc, "--gpus-per-trial 1", "the Ray cluster has 0 GPUs")
+
+
+@pytest.mark.parametrize("address, env, needles", [
+    ("ray://127.0.0.1:{port}", {}, ("no Ray Client server answers there", "--ray-client-server-port")),
+    ("{head}", {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, ("RAY_AUTH_TOKEN_PATH=/nonexistent/token",
+                                                               "missing, unreadable or empty")),
+])
+def test_bad_cluster_address(head, home, tmp_path, address, env, needles):
+    address = address.format(port=free_port(), head=head.address)
+    proc = sweep([*SWEEP, "--steps", "20", "--address", address, "--out-dir", tmp_path], home, timeout=120, **env)
+    assert_usage_error(proc, *needles)
+
+
+def test_head_dies_mid_sweep_then_resume_on_a_new_head(head, home, tmp_path):
+    args = [*SWEEP, "--steps", "150", "--out-dir", tmp_path, "--name", "lost"]
+    dying = Head(home)
+    try:
+        driver = subprocess.Popen([sys.executable, *args, "--address", dying.address], cwd=ROOT,
+                                  env=cluster_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        trials = tmp_path / "sweeps" / "lost" / "trials"
+        deadline = time.time() + 240
+        while not list(trials.glob("*/checkpoints/step_*")) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        dying.kill()                                     # the whole head: GCS, raylet, the trial workers
+        killed = time.time()
+        out, err = driver.communicate(timeout=60)
+        gone_after = time.time() - killed
+    finally:
+        dying.stop()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert driver.returncode == 1, err[-3000:]
+    assert lines[-1].startswith("lstm_sweep.py: error: the Ray head at " + dying.address) and LOST_LINE in lines[-1]
+    assert sum(LOST_LINE in line for line in lines) == 1 and "Traceback" not in err
+    assert gone_after < 20, gone_after
+
+    resumed = sweep([*args, "--address", head.address, "--resume"], home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = results(tmp_path / "sweeps" / "lost")
+    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["steps"]) == 150 for r in rows), rows
+    starts = {r["trial_id"]: [json.loads(line)["from_step"] for line in
+                              (Path(r["run_dir"]) / "attempts.jsonl").read_text().splitlines()] for r in rows}
+    assert all(s[0] == 0 and len(s) >= 2 for s in starts.values()), starts   # every trial started again
+    assert max(max(s[1:]) for s in starts.values()) > 0, starts              # from a checkpoint, not from 0
