@@ -57,10 +57,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def flag_order(config_cls: type) -> list[dataclasses.Field]:
+    """The config's own fields, then those it inherits: the shared logging and run flags of a base
+    config close ``--help``, after the trainer's data, model, optimisation and evaluation flags."""
+    own = set(vars(config_cls).get("__annotations__", {}))
+    fields = dataclasses.fields(config_cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per dataclass field, grouped by purpose as in nanochat."""
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in dataclasses.fields(config_cls):
+    for f in flag_order(config_cls):
         meta = f.metadata
         if "help" not in meta:
             continue
@@ -119,19 +127,36 @@ def require_at_least(value: int, low: int, name: str) -> None:
         raise UsageError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
 
 
-def require_writable_dir(path, name: str) -> None:
-    """``path`` is a folder that exists or can be made: no part of it is a file, and the nearest
-    existing folder is writable. Checked before any work, so a bad path costs nothing."""
-    path = Path(path).expanduser().absolute()
-    flag = _flag(name) if not name.startswith("-") else name
-    for parent in (path, *path.parents):
+def _nearest_folder(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` is a folder this process can write in."""
+    for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                where = "is a file" if parent == path else f"lies under {parent}, which is a file"
-                raise UsageError(f"{flag} {path} {where}; pass a folder path")
+                raise UsageError(f"{flag} {path} lies under {parent}, which is a file; pass a path in a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UsageError(f"{flag} {path}: cannot write in {parent}; pass a folder you can write to")
             return
+
+
+def require_writable_dir(path, name: str) -> None:
+    """``path`` is a folder that exists or can be made: no part of it is a file, and the nearest
+    existing folder is writable. Checked before any work, so a bad path costs nothing."""
+    path, flag = Path(path).expanduser().absolute(), name if name.startswith("-") else _flag(name)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file; pass a folder path")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: cannot write in it; pass a folder you can write to")
+        return
+    _nearest_folder(path, flag)
+
+
+def require_writable_file(path, name: str) -> None:
+    """``path`` can be written as a file: it is not a folder, and its folder exists or can be made."""
+    path, flag = Path(path).expanduser().absolute(), name if name.startswith("-") else _flag(name)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; pass a file name")
+    _nearest_folder(path, flag)
 
 
 def validate_field_choices(cfg) -> None:

@@ -37,7 +37,7 @@ from data.mnist import load_mnist, to_unit_range
 from models.dcgan import ALL_REDUCE_STATS, LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
 from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint, write_json_atomic
 from trainers.cli import (UsageError, arg, make_parser, require_at_least, require_non_negative,
-                          require_positive, require_writable_dir, run_cli, validate_field_choices)
+                          require_positive, require_writable_file, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure, smooth
 from trainers.gan_sampling import generate, load_generator_state, noise
 from trainers.runtime import (DIST_TIMEOUT_S, MIXED_PRECISION, Shards, StopFlag, check_run_dir_is_free,
@@ -620,9 +620,7 @@ def sample_main(argv: Sequence[str]) -> Path:
     cfg = SampleConfig(**vars(parser.parse_args(argv)))
     cfg.validate()
     out = Path(cfg.out)
-    require_writable_dir(out.parent, "--out")
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; pass a file name ending in .pt or .png")
+    require_writable_file(out, "--out")
     generator, _ = load_generator(cfg.checkpoint)
     accelerator, shards = gan_eval.job_processes(out.parent)
     with collective_failures(shards.world, DIST_TIMEOUT_S, None):
