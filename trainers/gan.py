@@ -40,7 +40,7 @@ from trainers.cli import (UsageError, arg, make_parser, require_at_least, requir
                           require_positive, require_writable_file, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure, smooth
 from trainers.gan_sampling import generate, load_generator_state, noise
-from trainers.runtime import (DIST_TIMEOUT_S, MIXED_PRECISION, Shards, StopFlag, check_run_dir_is_free,
+from trainers.runtime import (DIST_TIMEOUT_S, MIXED_PRECISION, RunConfig, Shards, StopFlag, check_run_dir_is_free,
                               collective_failures, fingerprint, gather_fingerprints, generator_for,
                               launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
@@ -58,7 +58,7 @@ SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images
 
 
 @dataclass
-class GANConfig:
+class GANConfig(RunConfig):
     # The defaults are the report's configuration (the paper preset); cpu-demo overrides a few.
     preset: str = arg("auto", "paper (the report's), cpu-demo (minutes on a CPU) or auto: paper on CUDA, "
                       "cpu-demo otherwise; explicit flags override the preset", "preset", PRESET_NAMES)
@@ -89,19 +89,7 @@ class GANConfig:
     stage_samples: int = arg(gan_eval.STAGE_SAMPLES, "images scored at each stage", "evaluation")
     eval_samples: int = arg(gan_eval.FULL_SAMPLES, "images scored at the end (the real floor uses 10,000)",
                             "evaluation")
-    # logging
-    wandb: bool = arg(True, "log to wandb (offline without an API key); --no-wandb for none", "logging")
-    wandb_project: str = arg("palgan", "wandb project", "logging")
-    # run
-    out_dir: str = arg("runs", "root folder of runs", "run")
-    run_name: str = arg("", "run folder name (default: gan-<preset>-b<base-channels>-s<seed>)", "run")
-    seed: int = arg(0, "seed of the initial weights, the data order and the noise", "run")
-    resume: bool = arg(False, "continue from the run's latest checkpoint", "run")
-    checkpoint_every: int = arg(1000, "iterations between checkpoints (every epoch end saves too)", "run")
-    keep_checkpoints: int = arg(3, "checkpoints kept (the oldest are deleted)", "run")
-    progress: bool = arg(True, "show a tqdm bar on the main process", "run")
-    dist_timeout: int = arg(DIST_TIMEOUT_S, "seconds a process waits in one collective before the job "
-                            "ends with an error (a dead or stuck rank)", "run")
+    # logging and run: RunConfig's fields (wandb, out_dir, run_name, seed, resume, checkpoints, ...)
 
     def validate(self) -> None:
         validate_field_choices(self)
@@ -131,13 +119,8 @@ class GANConfig:
             raise UsageError(f"--stages must list epochs >= 0, got {self.stages!r}")
         return [s for s in stages if s <= self.epochs]
 
-    @property
-    def name(self) -> str:
-        return self.run_name or f"gan-{self.preset}-b{self.base_channels}-s{self.seed}"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir).resolve() / self.name
+    def default_name(self) -> str:
+        return f"gan-{self.preset}-b{self.base_channels}-s{self.seed}"
 
 
 # Presets override only what differs from the dataclass defaults (the report's configuration).
@@ -417,8 +400,8 @@ def train_loop(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -
                 group["lr"], group["betas"] = cfg.lr, (cfg.beta1, cfg.beta2)
         accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
 
-    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, job_type="train",
-                            tags=[cfg.preset, f"b{cfg.base_channels}"])
+    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, cfg.wandb_group or None,
+                            job_type=cfg.wandb_job_type, tags=[cfg.preset, f"b{cfg.base_channels}"])
     stop = StopFlag()
     z_fixed = fixed_noise(cfg)
     t0 = time.perf_counter()

@@ -6,13 +6,14 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainers.cli import JobFailure, UsageError, require_writable_dir
+from trainers.cli import JobFailure, UsageError, arg, require_writable_dir
 from trainers.tracking import log_with
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -20,6 +21,40 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # work rank 0 does alone while the others wait at a barrier (figures, wandb, checkpoint writes);
 # short enough that a dead or stuck rank costs minutes, not the backends' 10-30 minutes.
 DIST_TIMEOUT_S = 300
+
+
+@dataclass
+class RunConfig:
+    """The logging and run fields that every trainer's config shares. ``GANConfig`` and
+    ``LSTMConfig`` extend it with their own fields, which ``--help`` lists first."""
+    # logging
+    wandb: bool = arg(True, "log to wandb (offline without an API key); --no-wandb for none", "logging")
+    wandb_project: str = arg("palgan", "wandb project", "logging")
+    wandb_group: str = arg("", "wandb group (the sweep sets it to the sweep's name)", "logging")
+    wandb_job_type: str = arg("train", "wandb job type, to group runs (the sweep sets sweep-trial)", "logging")
+    # run
+    out_dir: str = arg("runs", "root folder of runs", "run")
+    run_name: str = arg("", "run folder name (default: made from the main settings, e.g. gan-cpu-demo-b16-s0 "
+                            "or lstm-T5-h128-s0)", "run")
+    seed: int = arg(0, "seed of the initial weights and of every random stream (data, noise)", "run")
+    resume: bool = arg(False, "continue from the run's latest checkpoint", "run")
+    checkpoint_every: int = arg(1000, "steps between checkpoints (the GAN also saves at each epoch end)", "run")
+    keep_checkpoints: int = arg(3, "checkpoints kept (the oldest are deleted)", "run")
+    progress: bool = arg(True, "show a tqdm bar on the main process", "run")
+    dist_timeout: int = arg(DIST_TIMEOUT_S, "seconds a process waits in one collective before the job "
+                            "ends with an error (a dead or stuck rank)", "run")
+
+    def default_name(self) -> str:
+        """The run folder's name when --run-name is empty (each trainer makes its own)."""
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return self.run_name or self.default_name()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir).resolve() / self.name
 
 
 def effective_precision(flag: str) -> str:
