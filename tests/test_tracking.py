@@ -178,3 +178,41 @@ def test_evaluate_with_wandb_is_an_evaluate_run_with_summary_and_bar_chart(tmp_p
     assert run["summary"]["final/n"] == 64
     assert run["charts"] == {"eval/class_histogram": "wandb/bar/v0"}
     assert not any(k.startswith("final/") for row in run["history"] for k in row)
+
+
+def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainers.lstm import LSTMConfig, build_model, validation_set
+
+    proc = run_script(["trainers/lstm.py", "--hidden-dim", "16", "--steps", "40", "--eval-every", "20",
+                       "--val-size", "200", "--no-progress", "--out-dir", tmp_path, "--run-name", "l"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "l" / "metrics.json").read_text())
+    (wandb_file,) = (tmp_path / "l").glob("wandb/offline-run-*/run-*.wandb")
+    run = finished_run(wandb_file)
+    assert run["exit_code"] == 0
+    assert run["run"]["job_type"] == "train" and run["run"]["tags"] == ["lstm", "T5", "onehot", "fp32"]
+    assert _series(run["history"]) == {"train/loss", "train/acc", "val/loss", "val/acc"}
+    assert run["summary"]["val/acc"] == pytest.approx(metrics["val/acc"])
+    assert run["charts"] == {"gates/mean": "wandb/lineseries/v0"}
+
+    # the plotted means are those of the saved weights on the first validation palindrome, computed here
+    cfg = LSTMConfig(**{k: v for k, v in metrics["config"].items() if k in LSTMConfig.__dataclass_fields__})
+    model = build_model(cfg).eval()
+    model.load_state_dict(load_file(tmp_path / "l" / "checkpoints" / "step_00000040" / "model.safetensors"))
+    x, _ = validation_set(cfg)[0:1]
+    with torch.no_grad():
+        _, states = model(x, return_states=True)
+    row = next(r for r in run["history"] if "gates/mean_table/path" in r)
+    table = json.loads((wandb_file.parent / "files" / row["gates/mean_table/path"]).read_text())
+    lines: dict[str, list] = {}
+    for rec in (dict(zip(table["columns"], r)) for r in table["data"]):
+        lines.setdefault(rec["lineKey"], []).append((rec["step"], rec["lineVal"]))
+    labels = {"input gate i": "i", "forget gate f": "f", "output gate o": "o", "cell c": "c", "hidden h": "h"}
+    assert set(lines) == set(labels)
+    for label, key in labels.items():
+        expected = states[key][0].mean(1)                   # (T-1,): mean over units per step
+        assert [t for t, _ in lines[label]] == list(range(cfg.seq_length - 1))
+        assert [v for _, v in lines[label]] == pytest.approx(expected.tolist(), abs=1e-6), label

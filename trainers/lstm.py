@@ -32,7 +32,7 @@ from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpo
 from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_non_negative,
                           require_positive, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure
-from trainers.runtime import (MIXED_PRECISION, StopFlag, check_run_dir_is_free, fingerprint,
+from trainers.runtime import (MIXED_PRECISION, RunConfig, StopFlag, check_run_dir_is_free, fingerprint,
                               gather_fingerprints, generator_for, make_accelerator)
 from trainers.tracking import start_tracker
 
@@ -41,7 +41,7 @@ VAL_STREAM = 7_777    # seed key of the validation set, apart from every trainin
 
 
 @dataclass
-class LSTMConfig:
+class LSTMConfig(RunConfig):
     # data
     seq_length: int = arg(5, "palindrome length T; the input is its first T-1 digits", "data")
     input_encoding: str = arg("onehot", "digit encoding: one-hot (10-d) or the 1-d scalar of the course template",
@@ -63,17 +63,7 @@ class LSTMConfig:
     # evaluation and logging
     eval_every: int = arg(500, "steps between validation passes", "evaluation")
     log_every: int = arg(50, "steps between train/* scalars", "evaluation")
-    wandb: bool = arg(True, "log to wandb (offline without an API key); --no-wandb for none", "logging")
-    wandb_project: str = arg("palgan", "wandb project", "logging")
-    wandb_group: str = arg("", "wandb group (the sweep sets it)", "logging")
-    # run
-    out_dir: str = arg("runs", "root folder of runs", "run")
-    run_name: str = arg("", "run folder name (default: <model>-T<seq-length>-h<hidden-dim>-s<seed>)", "run")
-    seed: int = arg(0, "seed of the initial weights and of every data stream", "run")
-    resume: bool = arg(False, "continue from the run's latest checkpoint", "run")
-    checkpoint_every: int = arg(1000, "steps between checkpoints", "run")
-    keep_checkpoints: int = arg(3, "checkpoints kept (the oldest are deleted)", "run")
-    progress: bool = arg(True, "show a tqdm bar on the main process", "run")
+    # logging and run: RunConfig's fields (wandb, out_dir, run_name, seed, resume, checkpoints, ...)
 
     def validate(self) -> None:
         validate_field_choices(self)
@@ -91,13 +81,8 @@ class LSTMConfig:
     def input_dim(self) -> int:
         return NUM_CLASSES if self.input_encoding == "onehot" else 1
 
-    @property
-    def name(self) -> str:
-        return self.run_name or f"{self.model}-T{self.seq_length}-h{self.hidden_dim}-s{self.seed}"
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir).resolve() / self.name
+    def default_name(self) -> str:
+        return f"{self.model}-T{self.seq_length}-h{self.hidden_dim}-s{self.seed}"
 
 
 # --- data --------------------------------------------------------------------------------
@@ -208,6 +193,17 @@ def plot_gates(model, cfg: LSTMConfig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+@torch.no_grad()
+def state_means(model, cfg: LSTMConfig) -> tuple[list[int], dict[str, list[float]]]:
+    """The lines of the gate plot's top row and first panel: time steps, and per step the mean over
+    units of each gate (the LSTM's i, f, o) and of c and h, on the same validation palindrome."""
+    x, _ = validation_set(cfg)[0:1]
+    _, states = model(x.to(next(model.parameters()).device), return_states=True)
+    names = {"i": "input gate i", "f": "forget gate f", "o": "output gate o", "c": "cell c", "h": "hidden h"}
+    means = {label: states[k][0].float().mean(1).cpu().tolist() for k, label in names.items() if k in states}
+    return list(range(x.shape[1])), means
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | None = None) -> dict:
@@ -235,7 +231,8 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
         history, wall_before = meta["extra"].get("history", []), meta["extra"].get("wall_time", 0.0)
         accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name})")
 
-    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, cfg.wandb_group or None)
+    tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, cfg.wandb_group or None,
+                            job_type=cfg.wandb_job_type, tags=[cfg.model, f"T{cfg.seq_length}", cfg.input_encoding])
     stop = StopFlag()
     t0 = time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
@@ -304,6 +301,8 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
                    "figures/gates": plot_gates(unwrapped, cfg, run_dir / "figures" / "gates.png")}
         write_json_atomic(run_dir / "metrics.json", metrics)
         tracker.log_images(figures, step=step)
+        tracker.log_lines("gates/mean", *state_means(unwrapped, cfg), step=step, xname="t",
+                          title="mean over units per time step, on the gate plot's palindrome")
     accelerator.print(f"{cfg.name}: val/acc {metrics.get('val/acc', float('nan')):.4f}  "
                       f"val/loss {metrics.get('val/loss', float('nan')):.4f}  steps {step}  "
                       f"wall {metrics['wall_time_s']:.1f}s  -> {run_dir}")
