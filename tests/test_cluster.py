@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_usage_error, clean_env
+from trainers.lstm import LSTMConfig, train_batch
+from trainers.runtime import fingerprint
 
 SWEEP = ["tune/lstm_sweep.py", "--models", "lstm", "--seq-lengths", "4,5", "--hidden-dims", "6",
          "--forget-biases", "1", "--num-samples", "1", "--batch-size", "16", "--val-size", "100",
@@ -77,7 +79,7 @@ class Head:
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         self.kill(signal.SIGKILL)
@@ -187,8 +189,135 @@ def test_head_dies_mid_sweep_then_resume_on_a_new_head(head, home, tmp_path):
     resumed = sweep([*args, "--address", head.address, "--resume"], home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = results(tmp_path / "sweeps" / "lost")
-    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["steps"]) == 150 for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["steps"]) == 150 for r in rows), \
+        (rows, resumed.stdout[-4000:], resumed.stderr[-4000:])
     starts = {r["trial_id"]: [json.loads(line)["from_step"] for line in
                               (Path(r["run_dir"]) / "attempts.jsonl").read_text().splitlines()] for r in rows}
     assert all(s[0] == 0 and len(s) >= 2 for s in starts.values()), starts   # every trial started again
     assert max(max(s[1:]) for s in starts.values()) > 0, starts              # from a checkpoint, not from 0
+
+
+# --- the SLURM script, without SLURM ------------------------------------------------------------
+
+SBATCH = ROOT / "launch" / "slurm_multinode.sbatch"
+ALLOCATION = {"SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
+              "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "palgan"}
+
+
+def dry_run(tmp_path: Path, *args) -> list[list[str]]:
+    """The accelerate command of each node, as the script's DRY_RUN prints it (no srun on PATH)."""
+    proc = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**cluster_env(tmp_path), **ALLOCATION, "DRY_RUN": "1", "OUT_DIR": str(tmp_path),
+                               "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["node gpu-a", "node gpu-b"], proc.stdout
+    return [line.split(": ", 2)[2].split() for line in lines]
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_slurm_dry_run_two_nodes_of_four_gpus(tmp_path):
+    commands = dry_run(tmp_path, "trainers/gan.py")
+    for rank, cmd in enumerate(commands):
+        assert cmd[:4] == ["accelerate", "launch", "--config_file", "launch/multinode.yaml"]
+        assert flag(cmd, "--num_machines") == "2" and flag(cmd, "--num_processes") == "8"   # 2 nodes x 4 GPUs
+        assert flag(cmd, "--machine_rank") == str(rank)
+        assert flag(cmd, "--main_process_ip") == "gpu-a" and flag(cmd, "--main_process_port") == "29500"
+        assert flag(cmd, "--rdzv_conf") == "timeout=300" and flag(cmd, "--dist-timeout") == "300"
+        trainer = cmd[cmd.index("trainers/gan.py"):]
+        assert trainer == ["trainers/gan.py", "--dist-timeout", "300", "--out-dir", str(tmp_path),
+                           "--run-name", "slurm-palgan-42"]
+    # a requeued job finds the preempted one's checkpoint and resumes it on every node
+    (tmp_path / "slurm-palgan-42" / "checkpoints" / "step_00000100").mkdir(parents=True)
+    resumed = dry_run(tmp_path, "trainers/lstm.py", "--seq-length", "20")
+    for rank, cmd in enumerate(resumed):
+        assert flag(cmd, "--machine_rank") == str(rank)
+        assert cmd[cmd.index("trainers/lstm.py"):] == [
+            "trainers/lstm.py", "--dist-timeout", "300", "--out-dir", str(tmp_path), "--run-name", "slurm-palgan-42",
+            "--resume", "--seq-length", "20"]
+
+
+STUB_SRUN = """#!/usr/bin/env bash
+# srun for one machine: the command once per node of the allocation, SLURM_NODEID set, signals forwarded
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node SLURM_PROCID=$node "$@" > "$STUB_LOGS/node$node.out" 2> "$STUB_LOGS/node$node.err" &
+  pids+=($!)
+done
+trap 'echo "srun: forwarding SIGTERM" >> "$STUB_LOGS/calls"; kill -TERM "${pids[@]}"' TERM
+code=0
+for pid in "${pids[@]}"; do
+  while true; do wait "$pid"; rc=$?; kill -0 "$pid" 2> /dev/null || break; done
+  [ "$rc" -eq 0 ] || code=$rc
+done
+exit $code
+"""
+STUB_SCONTROL = """#!/usr/bin/env bash
+case "$1 $2" in
+  "show hostnames") tr ',' '\\n' <<< "$3" ;;
+  *) echo "scontrol $*" >> "$STUB_LOGS/calls" ;;
+esac
+"""
+
+
+def slurm_stubs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("srun", STUB_SRUN), ("scontrol", STUB_SCONTROL)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_slurm_sigterm_reaches_the_trainers_then_the_requeued_job_resumes(tmp_path):
+    """Two "nodes" on this machine through the script's own srun line (stub srun/scontrol on PATH): each
+    runs launch/multinode.sh, i.e. accelerate launch with its machine rank, one process each. SIGTERM to
+    the batch shell reaches both trainers, which stop after the same step and checkpoint; the job requeues
+    itself, and its next start resumes on both nodes and finishes: one set of files, the same weights."""
+    stubs, logs = slurm_stubs(tmp_path / "bin"), tmp_path / "logs"
+    logs.mkdir()
+    job = {**cluster_env(tmp_path), "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2",
+           "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "palgan", "STUB_LOGS": str(logs),
+           "MAIN_PORT": str(free_port()), "DIST_TIMEOUT": "120", "OUT_DIR": str(tmp_path / "runs")}
+    job["PATH"] = f"{stubs}:{job['PATH']}"
+    args = ["bash", str(SBATCH), "trainers/lstm.py", "--hidden-dim", "16", "--val-size", "300", "--batch-size", "16",
+            "--eval-every", "100", "--checkpoint-every", "20", "--steps", "300"]
+    run = tmp_path / "runs" / "slurm-palgan-7"
+    batch = subprocess.Popen(args, cwd=ROOT, env=job, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_00000020").is_dir():
+        assert batch.poll() is None and time.time() < deadline, (batch.communicate(), (logs / "node0.err").read_text())
+        time.sleep(0.1)
+    batch.send_signal(signal.SIGTERM)            # --signal=B:TERM: SLURM signals the batch shell only
+    out, err = batch.communicate(timeout=180)
+    assert batch.returncode == 0, err[-3000:]
+    assert "SIGTERM: asking the trainers to checkpoint, then requeueing job 7" in out
+    calls = (logs / "calls").read_text().splitlines()
+    assert calls == ["srun: forwarding SIGTERM", "scontrol requeue 7"], calls
+    for node in (0, 1):
+        assert "[rank" not in (logs / f"node{node}.err").read_text(), (logs / f"node{node}.err").read_text()[-3000:]
+    assert "stop requested" in (logs / "node0.out").read_text()
+    stopped = json.loads((run / "metrics.json").read_text())
+    assert not stopped["finished"] and 20 <= stopped["steps"] < 300
+    last = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))[-1]
+    assert last.name == f"step_{stopped['steps']:08d}"               # the same stop step on both nodes
+    assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "optimizer.bin", "palgan.json",
+                                                     "random_states_0.pkl", "random_states_1.pkl"]
+
+    t0 = time.perf_counter()
+    again = subprocess.run(args, cwd=ROOT, env=job, capture_output=True, text=True, timeout=400)   # the requeued job
+    wall = time.perf_counter() - t0
+    assert again.returncode == 0, again.stderr[-3000:] + (logs / "node0.err").read_text()[-3000:]
+    assert f"resuming slurm-palgan-7 from step {stopped['steps']}" in (logs / "node0.out").read_text()
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["finished"] and m["steps"] == 300
+    assert len(m["rank_weight_fingerprints"]) == 2 and len(set(m["rank_weight_fingerprints"])) == 1
+    cfg = LSTMConfig(batch_size=16)      # each node's rank drew its own (seed, rank, step) stream
+    assert m["rank_data_fingerprints"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
+    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2        # one per start of the job, rank 0's
+    assert (logs / "node0.out").read_text().count("val/acc") == 1
+    print(f"SLURM job on two stub nodes, the requeued start to step 300: {wall:.1f}s")

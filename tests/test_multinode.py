@@ -1,8 +1,9 @@
 """launch/multinode.yaml as two hosts run it: two `accelerate launch` commands with --num_machines 2,
 --machine_rank 0 and 1 and --main_process_ip 127.0.0.1, one process each, on a port free now.
-Each trainer with its defaults (only sizes, steps and sample counts shrunk): the ranks end with the
-same weights, one set of files is written, SIGTERM to both launchers checkpoints the same step and
---resume finishes. A main address that never answers ends the launch within its timeout."""
+The GAN with its defaults (evaluation included; only sizes, steps and sample counts shrunk): the
+ranks end with the same weights, one set of files is written, SIGTERM to both launchers checkpoints
+the same step and --resume finishes. The LSTM runs the same way through the SLURM script's own srun
+line (tests/test_cluster.py). A main address that never answers ends the launch within its timeout."""
 import json
 import os
 import signal
@@ -13,8 +14,6 @@ import time
 from pathlib import Path
 
 from conftest import ROOT, assert_usage_error, clean_env
-from trainers.lstm import LSTMConfig, train_batch
-from trainers.runtime import fingerprint
 
 MULTINODE = ROOT / "launch" / "multinode.yaml"
 RDZV_TIMEOUT = 120   # what a node waits for the main node; the recipe's 300 s, shrunk
@@ -93,34 +92,6 @@ def assert_one_writer(run: Path, logs: Path, summary: str) -> None:
 
 LSTM_ARGS = ["trainers/lstm.py", "--hidden-dim", "16", "--val-size", "300", "--batch-size", "16",
              "--eval-every", "100", "--checkpoint-every", "20"]
-
-
-def test_lstm_on_two_nodes_sigterm_to_both_then_resume(tmp_path):
-    args = [*LSTM_ARGS, "--steps", "300", "--out-dir", tmp_path, "--run-name", "mn"]
-    run = tmp_path / "mn"
-    nodes = start_nodes(args, tmp_path / "first")
-    sigterm_both_after(nodes, lambda: step_dir(run, 20).is_dir(), "checkpoint at step 20")
-    assert "stop requested" in read(tmp_path / "first", "node0.out"), read(tmp_path / "first", "node0.err")[-3000:]
-    stopped = json.loads((run / "metrics.json").read_text())
-    assert not stopped["finished"] and 20 <= stopped["steps"] < 300
-    last = step_checkpoints(run)[-1]
-    assert last.name == f"step_{stopped['steps']:08d}"          # the same stop step on both nodes
-    assert sorted(p.name for p in last.iterdir()) == ["model.safetensors", "optimizer.bin", "palgan.json",
-                                                     "random_states_0.pkl", "random_states_1.pkl"]
-
-    codes, wall = run_nodes([*args, "--resume"], tmp_path / "resume")
-    assert codes == [0, 0], read(tmp_path / "resume", "node0.err")[-3000:] + read(tmp_path / "resume", "node1.err")[-3000:]
-    assert f"resuming mn from step {stopped['steps']}" in read(tmp_path / "resume", "node0.out")
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["processes"] == 2 and m["steps"] == 300 and m["finished"]
-    assert len(m["rank_weight_fingerprints"]) == 2 and len(set(m["rank_weight_fingerprints"])) == 1
-    cfg = LSTMConfig(batch_size=16)      # each node's rank drew its own (seed, rank, step) stream
-    assert m["rank_data_fingerprints"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
-    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
-    assert_one_writer(run, tmp_path / "resume", "val/acc")
-    assert len(list(run.glob("wandb/offline-run-*"))) == 2       # the first launch's and the resume's
-    assert (run / "figures" / "curves.png").is_file() and (run / "figures" / "gates.png").is_file()
-    print(f"LSTM, two nodes x 1 process, resume to step 300: {wall:.1f}s")
 
 
 # --- the GAN, evaluation included ----------------------------------------------------------------
