@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,13 +32,31 @@ TRAINERS = {
 }
 
 
-def run_once(trainer: str, procs: int, out: Path, tag: str) -> float:
+def free_port() -> int:
+    """A TCP port free now, taken right before each launch (a fixed one may be in use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_steps(trainer: str, args: list[str], steps: int) -> list[str]:
+    """The trainer's arguments with its step count set to ``steps`` (0: as above)."""
+    if not steps:
+        return args
+    flags = ("--steps", "--eval-every", "--checkpoint-every") if trainer == "lstm" else ("--max-steps",)
+    out = list(args)
+    for flag in flags:
+        out[out.index(flag) + 1] = str(steps)
+    return out
+
+
+def run_once(trainer: str, procs: int, out: Path, tag: str, steps: int = 0) -> float:
     script, args, per_step = TRAINERS[trainer]
     config = ROOT / "launch" / ("cpu_1proc.yaml" if procs == 1 else "cpu_2proc.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", "29655", script, *args, "--no-wandb", "--no-progress",
-           "--out-dir", str(out), "--run-name", tag]
+           "--main_process_port", str(free_port()), script, *with_steps(trainer, args, steps), "--no-wandb",
+           "--no-progress", "--out-dir", str(out), "--run-name", tag]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{trainer} on {procs} process(es) failed:\n{proc.stderr[-3000:]}")
@@ -94,6 +113,8 @@ def main() -> None:
     parser.add_argument("--trainers", default="lstm,gan")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--steps", type=int, default=0,
+                        help="training steps of each run (0: 600 for the LSTM, 80 for the GAN)")
     parser.add_argument("--paper", action="store_true", help="print the on-paper GPU/node numbers and exit")
     args = parser.parse_args()
     if args.paper:
@@ -105,7 +126,7 @@ def main() -> None:
             samples = {1: [], 2: []}
             for r in range(args.rounds):
                 for procs in (1, 2):
-                    samples[procs].append(run_once(trainer, procs, Path(tmp), f"{trainer}-{procs}-{r}"))
+                    samples[procs].append(run_once(trainer, procs, Path(tmp), f"{trainer}-{procs}-{r}", args.steps))
                     print(f"{trainer} round {r} procs {procs}: {samples[procs][-1]:.1f} samples/s", flush=True)
             one, two = statistics.median(samples[1]), statistics.median(samples[2])
             results[trainer] = {"1proc_samples_per_s": one, "2proc_samples_per_s": two, "ratio": two / one,
