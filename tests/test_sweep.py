@@ -5,7 +5,8 @@ import json
 import os
 import signal
 import socket
-from dataclasses import replace
+import time
+from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ import pytest
 from ray.tune.callback import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from trainers.cli import UsageError, run_cli
+from trainers.cli import UsageError, parse_config, run_cli
 from trainers.lstm import LSTMConfig
 from trainers.tracking import read_offline_run
 from tune.asha import GroupedASHA
@@ -35,7 +36,7 @@ def ray_session():
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("OMP_NUM_THREADS", "1")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=100 * 1024 ** 2)
         yield
         ray.shutdown()
@@ -51,6 +52,28 @@ def offline_runs(folder: Path) -> list[dict]:
     return [read_offline_run(f) for f in sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))]
 
 
+def finished_run(folder: Path, timeout: float = 60) -> dict:
+    """The one offline wandb run in ``folder`` once its exit record is in (wandb's service writes
+    the end of the file shortly after ``finish()`` returns)."""
+    (path,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while (run := read_offline_run(path))["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return run
+
+
+def table_cells(table: list[str], header: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header line starts with ``header``, by first cell."""
+    start = next(k for k, line in enumerate(table) if line.startswith(header))
+    rows = {}
+    for line in table[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
 def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
     main(["--models", "lstm,rnn", "--seq-lengths", "4", *TINY_FLAGS, "--out-dir", str(tmp_path),
           "--name", "tiny"])
@@ -62,44 +85,125 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
     for r in rows:
         reports = tune_reports(sweep, r["trial_id"])
         accs = [rep["val/acc"] for rep in reports]
-        assert [rep["step"] for rep in reports] == [10, 20, 30] and r["status"] == "completed"
+        # every validation reported once, until the step limit or the second solved validation
+        assert [rep["step"] for rep in reports] == list(range(10, 10 * len(reports) + 1, 10))
+        if r["status"] == "solved":
+            assert min(accs[-2:]) >= 0.999 and r["steps_to_solve"] == str(reports[-2]["step"])
+        else:
+            assert r["status"] == "completed" and reports[-1]["step"] == 30
         assert float(r["best_val_acc"]) == pytest.approx(max(accs))
-        solved = [rep["step"] for rep in reports if rep["val/acc"] >= 0.99]
-        assert r["steps_to_solve"] == (str(solved[0]) if solved else "")
-        assert 1e-4 <= float(r["lr"]) <= 1e-2 and r["hidden_dim"] == "6"
+        reached = [rep["step"] for rep in reports if rep["val/acc"] >= 0.99]
+        assert r["steps_to_99"] == (str(reached[0]) if reached else "")
+        assert 4e-4 <= float(r["lr"]) <= 2e-3 and r["hidden_dim"] == "6"
+        assert r["forget_bias"] == ("1.0" if r["model"] == "lstm" else "")
         # the trainer's own record of the trial agrees with what Tune received
         run_dir = Path(r["run_dir"])
         assert run_dir.parent == sweep / "trials"
-        assert json.loads((run_dir / "metrics.json").read_text())["val/acc"] == pytest.approx(accs[-1])
-        (trial_run,) = offline_runs(run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["val/acc"] == pytest.approx(accs[-1]) and metrics["stop_reason"] == r["status"]
+        assert metrics["best_val_acc"] == pytest.approx(max(accs))
+        trial_run = finished_run(run_dir)
+        assert trial_run["exit_code"] == 0 and trial_run["summary"]["stop_reason"] == r["status"]
         assert trial_run["run"]["group"] == "tiny" and trial_run["run"]["name"] == run_dir.name
         assert [h["val/acc"] for h in trial_run["history"] if "val/acc" in h] == pytest.approx(accs)
         best[r["model"]] = max(accs)
 
     table = (sweep / "table.md").read_text().splitlines()
-    assert table[0] == "| Model | T=4 | Avg. |"
-    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:5]}
-    assert cells["LSTM"][0] == f"{100 * best['lstm']:.2f}%"
-    assert cells["Vanilla RNN"][0] == f"{100 * best['rnn']:.2f}%"
-    assert cells["Improvement (LSTM - RNN)"][0] == f"{100 * (best['lstm'] - best['rnn']):+.2f} pp"
+    per_t = table_cells(table, "| Model | T=4 |")
+    assert per_t["LSTM"] == [f"{100 * best['lstm']:.2f}%"]
+    assert per_t["Vanilla RNN"] == [f"{100 * best['rnn']:.2f}%"]
+    assert per_t["LSTM - RNN"] == [f"{100 * (best['lstm'] - best['rnn']):+.2f} pp"]
+    assert per_t["LSTM: draws >= 99%"] == [f"{int(best['lstm'] >= 0.99)}/1"]
+    horizons = table_cells(table, "| Model | Horizon")
+    for model, label in (("lstm", "LSTM"), ("rnn", "Vanilla RNN")):
+        assert horizons[label][0] == ("T=4" if best[model] >= 0.99 else "none")
 
-    image = mpimg.imread(sweep / "figures" / "acc_vs_T.png")
+    image = mpimg.imread(sweep / "figures" / "horizon.png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0
 
     best_json = json.loads((sweep / "best.json").read_text())
     for model in ("lstm", "rnn"):
-        entry = best_json[model]["4"]
+        entry = best_json["cells"][model]["4"]
         assert entry["best_val_acc"] == pytest.approx(best[model])
         cfg = LSTMConfig(**entry["config"])          # a trainer config that can be rerun as it is
         cfg.validate()
-        assert (cfg.model, cfg.seq_length, cfg.hidden_dim, cfg.lr) == (model, 4, 6, pytest.approx(entry["lr"]))
+        assert (cfg.model, cfg.seq_length, cfg.hidden_dim, cfg.lr) == (model, 4, 6, float(entry["lr"]))
+        # ... and the command line that rebuilds it, but for where it writes and how it shows
+        rebuilt = parse_config(LSTMConfig, entry["argv"], "")
+        keep = {"out_dir", "run_name", "wandb_group", "progress", "resume"}
+        assert {f.name: getattr(rebuilt, f.name) for f in fields(LSTMConfig) if f.name not in keep} == \
+            {f.name: getattr(cfg, f.name) for f in fields(LSTMConfig) if f.name not in keep}
+        assert entry["command"] == " ".join(["python trainers/lstm.py", *entry["argv"]])
 
-    (summary,) = offline_runs(sweep)
-    assert summary["run"] == {"name": "tiny-summary", "group": "tiny", "project": "palgan"}
+    summary = finished_run(sweep)
+    assert summary["run"]["name"] == "tiny-summary" and summary["run"]["group"] == "tiny"
+    assert summary["exit_code"] == 0 and summary["run"]["job_type"] == "sweep-summary"
     logged = summary["history"][0]
-    assert logged["sweep/table/nrows"] == 3 and logged["sweep/trials/nrows"] == 2
-    assert logged["sweep/acc_vs_T/_type"] == "image-file"
+    assert logged["sweep/table/nrows"] == 5 and logged["sweep/trials/nrows"] == 2
+    assert logged["sweep/horizons/nrows"] == 2 and logged["sweep/horizon/_type"] == "image-file"
+    assert summary["charts"]["sweep/lstm/best_val_acc_vs_T"] == "wandb/lineseries/v0"
+    assert summary["charts"]["sweep/rnn/best_val_acc_vs_T"] == "wandb/lineseries/v0"
+    assert summary["summary"]["trials/completed"] + summary["summary"]["trials/solved"] == 2
     assert "| LSTM |" in capsys.readouterr().out
+
+
+def test_solved_and_culled_trials_end_themselves_with_finished_records(ray_session, tmp_path):
+    # T=2 is learnt in a few dozen steps at lr 1e-2; every T=5 trial is still far from 90% at step 20,
+    # so the floor culls it there if ASHA has not culled it at step 10.
+    sc = SweepConfig(models="lstm", seq_lengths="2,5", hidden_dims="8", num_samples=2, steps=100, eval_every=10,
+                     grace_period=10, batch_size=32, val_size=200, lr_min=9e-3, lr_max=1.1e-2, floor_acc=0.9,
+                     floor_step=20, out_dir=str(tmp_path), name="ends")
+    outcome = run_sweep(sc, verbose=0)
+    rows = {(int(r["seq_length"]), r["draw"]): r for r in outcome["rows"]}
+    assert len(rows) == 4 and outcome["unfinished"] == 0
+    for (t, draw), r in rows.items():
+        reports = tune_reports(outcome["sweep_dir"], r["trial_id"])
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        run = finished_run(Path(r["run_dir"]))
+        assert run["exit_code"] == 0 and run["summary"]["stop_reason"] == metrics["stop_reason"] == r["status"]
+        assert metrics["steps"] == reports[-1]["step"] < sc.steps       # ended at its last report
+        assert metrics["best_val_acc"] == pytest.approx(max(rep["val/acc"] for rep in reports))
+        if t == 5:   # culled against its grid point's other draw at the first rung, or by the floor
+            assert r["status"] in ("culled by ASHA", "culled by ASHA: below 0.9 at step 20")
+            assert metrics["steps"] == (20 if "below" in r["status"] else 10)
+            assert (outcome["sweep_dir"] / "culled" / r["trial_id"]).read_text().strip() == r["status"]
+        elif r["status"] == "solved":
+            assert min(rep["val/acc"] for rep in reports[-2:]) >= 0.999
+            assert metrics["steps_to_solve"] == r["steps_to_solve"] == reports[-2]["step"]
+    assert any(r["status"] == "solved" for (t, _), r in rows.items() if t == 2)
+    # each draw of a grid point trains from its own seed, with the next forget bias of the list
+    configs = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["config"]
+               for (t, _), r in sorted(rows.items()) if t == 5]
+    biases = [float(b) for b in sc.forget_biases.split(",")]
+    assert [c["seed"] for c in configs] == [0, 1] and [c["forget_bias"] for c in configs] == biases[:2]
+    assert all(r["forget_bias"] == biases[r["draw"]] for r in rows.values())
+
+
+def test_grouped_asha_with_a_cull_folder_leaves_its_verdict_and_lets_the_trial_end_itself(tmp_path):
+    def trial(tid, acc_model="lstm"):
+        return SimpleNamespace(trial_id=tid, config={"model": acc_model, "seq_length": 5})
+
+    kw = dict(metric="val/acc", mode="max", time_attr="step", max_t=100, grace_period=10, reduction_factor=2)
+    sched = GroupedASHA(("model", "seq_length"), **kw, floor_acc=0.3, floor_step=20, cull_dir=str(tmp_path))
+    plain = GroupedASHA(("model", "seq_length"), **kw, floor_acc=0.3, floor_step=20)
+    for s in (sched, plain):
+        for tid in ("a", "b", "c"):
+            s.on_trial_add(None, trial(tid))
+    results = [("c", 10, 0.28), ("a", 10, 0.9), ("b", 10, 0.2), ("c", 20, 0.29), ("a", 20, 0.95)]
+    got = {}
+    for s in (sched, plain):
+        for tid, step, acc in results:
+            got[s, tid, step] = s.on_trial_result(None, trial(tid), {"step": step, "val/acc": acc})
+    # the plain scheduler stops b (below the rung's cutoff) and c (below the floor at step 20) ...
+    assert [got[plain, t, s] for t, s, _ in results] == [TrialScheduler.CONTINUE, TrialScheduler.CONTINUE,
+                                                          TrialScheduler.STOP, TrialScheduler.STOP,
+                                                          TrialScheduler.CONTINUE]
+    # ... with a cull folder the same verdicts are written down and the trials continue to read them
+    assert all(got[sched, t, s] == TrialScheduler.CONTINUE for t, s, _ in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
+    assert (tmp_path / "b").read_text().strip() == "culled by ASHA"
+    assert (tmp_path / "c").read_text().strip() == "culled by ASHA: below 0.3 at step 20"
+    assert sched.num_stopped == plain.num_stopped == 2
 
 
 class Chaos(Callback):
@@ -146,7 +250,7 @@ def test_crashed_and_interrupted_trials_resume_and_each_runs_once(ray_session, t
         starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
         assert starts == sorted(set(starts))
         attempts[int(r["seq_length"])] = starts
-    assert attempts[3][:2] == [0, 20]     # killed after its step-20 report: retried from there
+    assert attempts[4][:2] == [0, 20]     # the longest T runs first: killed after its step-20 report, retried from there
     # one start from scratch per trial, plus exactly the two resumes (after the crash, after Ctrl-C);
     # the trial that had finished before Ctrl-C was not run again by --resume
     assert sorted(s for starts in attempts.values() for s in starts) == [0, 0, 20, 30]
@@ -181,7 +285,11 @@ def free_port() -> int:
 
 
 BAD = [
-    (["--seq-lengths", ""], "--seq-lengths is empty"),
+    (["--lstm-seq-lengths", ""], "--lstm-seq-lengths is empty"),
+    (["--rnn-seq-lengths", "1"], "--rnn-seq-lengths values must be >= 2"),
+    (["--forget-biases", "1,x"], "--forget-biases"),
+    (["--floor-acc", "1.5"], "--floor-acc"),
+    (["--solved-acc", "0"], "--solved-acc"),
     (["--seq-lengths", "5,x"], "--seq-lengths"),
     (["--lr-min", "1e-2", "--lr-max", "1e-4"], "inverted"),
     (["--models", "lstm,gru"], "unknown model 'gru'"),

@@ -6,12 +6,15 @@
     python trainers/lstm.py --model rnn --seq-length 20      # the baseline
     python -m trainers.lstm --help
 
-Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}.
+Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}:
+metrics.json holds the last and the best validation (accuracy and step) and why the run ended;
+checkpoints/best/ the checkpoint of the best validation, beside the latest ones.
 --batch-size is per process: with N processes the global batch is N x batch-size.
 """
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +31,8 @@ from tqdm.auto import tqdm
 
 from models.lstm import BACKENDS, LSTM
 from models.rnn import RNN
-from trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
+from trainers.checkpoint import (PREFIX, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                                 write_json_atomic)
 from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_non_negative,
                           require_positive, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure
@@ -38,6 +42,9 @@ from trainers.tracking import start_tracker
 
 NUM_CLASSES = 10      # digits 0-9
 VAL_STREAM = 7_777    # seed key of the validation set, apart from every training stream
+BEST = "best"         # <run>/checkpoints/best/step_*: the checkpoint of the best validation so far
+# what the run's tracker summary and metrics.json report about how the run ended
+SUMMARY_KEYS = ("stop_reason", "best_val_acc", "best_step", "last_val_acc", "last_step", "steps_to_solve")
 
 
 @dataclass
@@ -63,6 +70,9 @@ class LSTMConfig(RunConfig):
     # evaluation and logging
     eval_every: int = arg(500, "steps between validation passes", "evaluation")
     log_every: int = arg(50, "steps between train/* scalars", "evaluation")
+    solved_acc: float = arg(0.999, "validation accuracy that counts as solved", "evaluation")
+    stop_when_solved: int = arg(0, "end the run as solved once val/acc >= --solved-acc at this many "
+                                   "consecutive validations (0: train all --steps)", "evaluation")
     # logging and run: RunConfig's fields (wandb, out_dir, run_name, seed, resume, checkpoints, ...)
 
     def validate(self) -> None:
@@ -74,6 +84,9 @@ class LSTMConfig(RunConfig):
             require_at_least(getattr(self, name), 1, name)
         require_non_negative(self.clip_norm, "clip_norm")
         require_at_least(self.num_threads, 0, "num_threads")
+        require_at_least(self.stop_when_solved, 0, "stop_when_solved")
+        if not 0 < self.solved_acc <= 1:
+            raise UsageError(f"--solved-acc must lie in (0, 1], got {self.solved_acc}")
         if not math.isfinite(self.forget_bias):
             raise UsageError(f"--forget-bias must be finite, got {self.forget_bias}")
 
@@ -135,6 +148,33 @@ def evaluate(model, loader, accelerator) -> dict[str, float]:
         hits.append(hit)
     model.train()
     return {"val/loss": torch.cat(losses).mean().item(), "val/acc": torch.cat(hits).mean().item()}
+
+
+def validation_record(history: list[dict], solved_acc: float) -> dict:
+    """The best and the last validation of a run, from its history: the accuracy and step of each
+    (the earliest step of the best), and the streak of validations at >= ``solved_acc`` that the
+    history ends in (its length, and its first step as ``steps_to_solve``; None if there is none)."""
+    out = {"best_val_acc": None, "best_step": None, "last_val_acc": None, "last_step": None,
+           "steps_to_solve": None, "solved_streak": 0}
+    for row in history:
+        if "val/acc" not in row:
+            continue
+        acc, step = row["val/acc"], row["step"]
+        if out["best_val_acc"] is None or acc > out["best_val_acc"]:
+            out["best_val_acc"], out["best_step"] = acc, step
+        out["last_val_acc"], out["last_step"] = acc, step
+        if acc >= solved_acc:
+            out["solved_streak"] += 1
+            out["steps_to_solve"] = out["steps_to_solve"] or step
+        else:
+            out["solved_streak"], out["steps_to_solve"] = 0, None
+    return out
+
+
+def end_record(history: list[dict], cfg: LSTMConfig) -> dict:
+    """What metrics.json says about the validations of a run (see ``validation_record``)."""
+    record = validation_record(history, cfg.solved_acc)
+    return {k: record[k] for k in SUMMARY_KEYS if k in record}
 
 
 def plot_curves(history: list[dict], path: Path) -> Path:
@@ -206,9 +246,11 @@ def state_means(model, cfg: LSTMConfig) -> tuple[list[int], dict[str, list[float
 
 # --- the loop ------------------------------------------------------------------------------
 
-def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | None = None) -> dict:
+def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], str | None] | None = None) -> dict:
     """Train under an Accelerator; return the final metrics. ``on_eval(step, metrics, ckpt)``
-    is called after every validation pass (Ray Tune reports through it)."""
+    is called after every validation pass (Ray Tune reports through it); a string it returns
+    ends the run there, recorded as the reason (``stop_reason``: completed, solved, interrupted,
+    failed, or that string). The best validation's checkpoint is kept in checkpoints/best/."""
     cfg.validate()
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
@@ -231,6 +273,12 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
         history, wall_before = meta["extra"].get("history", []), meta["extra"].get("wall_time", 0.0)
         accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name})")
 
+    best_dir = ckpt_dir / BEST
+    if accelerator.is_main_process:   # a best checkpoint from after the resumed step belongs to a lost future
+        for stale in list_checkpoints(best_dir):
+            if int(stale.name[len(PREFIX):]) > start:
+                shutil.rmtree(stale, ignore_errors=True)
+
     tracker = start_tracker(accelerator, cfg.wandb_project, cfg.name, config, run_dir, cfg.wandb_group or None,
                             job_type=cfg.wandb_job_type, tags=[cfg.model, f"T{cfg.seq_length}", cfg.input_encoding])
     stop = StopFlag()
@@ -246,53 +294,80 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
                                extra={"history": history, "wall_time": wall()})
 
     model.train()
-    for step in range(start + 1, cfg.steps + 1):
-        x, y = train_batch(cfg, rank, step)
-        x, y = x.to(accelerator.device), y.to(accelerator.device)
-        logits = model(x).float()                       # (B, 10)
-        loss = F.cross_entropy(logits, y)               # eq 8-9: softmax + NLL on the last step
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if cfg.clip_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        optimizer.step()
+    reason = None   # why the loop ended early: solved, or what on_eval returned
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            x, y = train_batch(cfg, rank, step)
+            x, y = x.to(accelerator.device), y.to(accelerator.device)
+            logits = model(x).float()                       # (B, 10)
+            loss = F.cross_entropy(logits, y)               # eq 8-9: softmax + NLL on the last step
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.clip_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            optimizer.step()
 
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise UsageError(f"the loss became {loss_value} at step {step}; lower --lr or --clip-norm "
-                             "(checkpoints already written are kept)")
-        window_loss += loss_value
-        window_hits += (logits.argmax(1) == y).float().mean().item()
-        window_n += 1
-        bar.update(1)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UsageError(f"the loss became {loss_value} at step {step}; lower --lr or --clip-norm "
+                                 "(checkpoints already written are kept)")
+            window_loss += loss_value
+            window_hits += (logits.argmax(1) == y).float().mean().item()
+            window_n += 1
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            last_train = {"train/loss": window_loss / window_n, "train/acc": window_hits / window_n}
-            window_loss, window_hits, window_n = 0.0, 0.0, 0
-            history.append({"step": step, **last_train})
-            tracker.log(last_train, step=step)
-            bar.set_postfix(loss=f"{last_train['train/loss']:.3f}", acc=f"{last_train['train/acc']:.3f}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last_train = {"train/loss": window_loss / window_n, "train/acc": window_hits / window_n}
+                window_loss, window_hits, window_n = 0.0, 0.0, 0
+                history.append({"step": step, **last_train})
+                tracker.log(last_train, step=step)
+                bar.set_postfix(loss=f"{last_train['train/loss']:.3f}", acc=f"{last_train['train/acc']:.3f}")
 
-        stopping = stop.should_stop(accelerator)
-        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-        if evaluating:
-            last_val = evaluate(model, val_loader, accelerator)
-            history.append({"step": step, **last_val})
-            tracker.log(last_val, step=step)
-        ckpt = None
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
-            ckpt = checkpoint(step)
-        if evaluating and on_eval is not None:
-            on_eval(step, {**last_train, **last_val, "step": step}, ckpt)
-        if stopping:
-            accelerator.print(f"stop requested: checkpoint at step {step} written; rerun with --resume")
-            break
+            stopping = stop.should_stop(accelerator)
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluating:
+                last_val = evaluate(model, val_loader, accelerator)
+                history.append({"step": step, **last_val})
+                tracker.log(last_val, step=step)
+                record = validation_record(history, cfg.solved_acc)
+                if record["best_step"] == step:   # every rank: the accuracy is gathered, so all agree
+                    save_checkpoint(accelerator, best_dir, step, config, keep=1,
+                                    extra={"history": history, "wall_time": wall()})
+                if cfg.stop_when_solved and record["solved_streak"] >= cfg.stop_when_solved:
+                    reason = "solved"
+            ckpt = None
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping or reason:
+                ckpt = checkpoint(step)
+            if evaluating and on_eval is not None:
+                reason = on_eval(step, {**last_train, **last_val, "step": step}, ckpt) or reason
+            if stopping:
+                accelerator.print(f"stop requested: checkpoint at step {step} written; rerun with --resume")
+                break
+            if reason:
+                break
+    except Exception as err:
+        # a finished record of the failed run too: metrics.json and the tracker's summary
+        bar.close()
+        stop.restore()
+        failed = {**last_train, **last_val, **end_record(history, cfg), "stop_reason": "failed",
+                  "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300],
+                  "steps": step, "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
+                  "finished": False, "config": config}
+        if accelerator.is_main_process:
+            write_json_atomic(run_dir / "metrics.json", failed)
+        tracker.summary({k: failed[k] for k in SUMMARY_KEYS + ("error",) if failed.get(k) is not None})
+        if accelerator.num_processes == 1:   # with several, the process exit ends the run (no collective here)
+            tracker.finish()
+        raise
     bar.close()
     stop.restore()
 
     unwrapped = accelerator.unwrap_model(model)
-    metrics = {**last_train, **last_val, "steps": step, "wall_time_s": round(wall(), 2),
-               "processes": accelerator.num_processes, "finished": step == cfg.steps, "config": config,
+    reason = reason or ("completed" if step == cfg.steps else "interrupted")
+    metrics = {**last_train, **last_val, **end_record(history, cfg), "stop_reason": reason, "steps": step,
+               "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
+               "finished": reason != "interrupted", "config": config,
+               "best_checkpoint": str(list_checkpoints(best_dir)[-1]) if list_checkpoints(best_dir) else None,
                # DDP replicas must stay bit-identical; each rank's first batch must differ
                "rank_weight_fingerprints": gather_fingerprints(accelerator, fingerprint(*unwrapped.parameters())),
                "rank_data_fingerprints": gather_fingerprints(accelerator, fingerprint(*train_batch(cfg, rank, 1)))}
@@ -303,9 +378,10 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], None] | N
         tracker.log_images(figures, step=step)
         tracker.log_lines("gates/mean", *state_means(unwrapped, cfg), step=step, xname="t",
                           title="mean over units per time step, on the gate plot's palindrome")
+    tracker.summary({k: metrics[k] for k in SUMMARY_KEYS + ("steps", "wall_time_s") if metrics.get(k) is not None})
     accelerator.print(f"{cfg.name}: val/acc {metrics.get('val/acc', float('nan')):.4f}  "
                       f"val/loss {metrics.get('val/loss', float('nan')):.4f}  steps {step}  "
-                      f"wall {metrics['wall_time_s']:.1f}s  -> {run_dir}")
+                      f"wall {metrics['wall_time_s']:.1f}s  ({reason})  -> {run_dir}")
     accelerator.wait_for_everyone()
     tracker.finish()  # last: Accelerate's end_training also tears down the process group
     return metrics

@@ -5,22 +5,40 @@ T=5 and stop the hard tasks first, which would bias the very curve the sweep is 
 (accuracy against T). Here every (model, seq_length) pair gets its own ASHA bracket: among the
 trials of one task, the ones whose validation accuracy falls below the rung's cutoff stop early.
 
+Two more rules, for a sweep that maps where each model stops learning:
+- a floor: a trial still below ``floor_acc`` at ``floor_step`` or later is culled whatever its
+  grid point's other trials do (a grid point where no trial learns would otherwise keep its best
+  chance-level trial to the end);
+- with ``cull_dir`` set, a culled trial is not killed: the scheduler writes its verdict to
+  ``cull_dir/<trial id>`` and lets it continue, and the trial, which reads the file after each
+  report (Tune answers a report only after the scheduler has judged it), ends itself and leaves a
+  finished record (metrics.json, a closed wandb run) saying it was culled.
+
 Imports ray at module level: import this module lazily (ray is optional for training).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Dict, Hashable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+
+CULLED_BY_ASHA = "culled by ASHA"
 
 
 class GroupedASHA(FIFOScheduler):
     """Delegates every decision to one ``ASHAScheduler`` per ``group_keys`` value of a trial's config."""
 
     def __init__(self, group_keys: tuple[str, ...], metric: str, mode: str, time_attr: str,
-                 max_t: int, grace_period: int, reduction_factor: float):
+                 max_t: int, grace_period: int, reduction_factor: float, floor_acc: float = 0.0,
+                 floor_step: int = 0, cull_dir: str | None = None):
         super().__init__()
         self.group_keys = group_keys
+        self.floor_metric, self.floor_time_attr = metric, time_attr
+        self.floor_acc, self.floor_step = floor_acc, floor_step
+        self.cull_dir = cull_dir
         # stop_last_trials=False: no STOP at max_t, so a trial that reaches it lets its trainer
         # return normally (final metrics.json, figures, wandb run closed) instead of being cut off.
         self.asha_kwargs = dict(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
@@ -50,9 +68,25 @@ class GroupedASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: Dict) -> str:
         action = self._asha(tune_controller, trial).on_trial_result(tune_controller, trial, result)
+        verdict = CULLED_BY_ASHA
+        metric, clock = self.floor_metric, self.floor_time_attr
+        if (action != TrialScheduler.STOP and self.floor_acc > 0 and metric in result
+                and result.get(clock, 0) >= self.floor_step and result[metric] < self.floor_acc):
+            action = TrialScheduler.STOP
+            verdict = f"{CULLED_BY_ASHA}: below {self.floor_acc:g} at step {result[clock]}"
         if action == TrialScheduler.STOP:
             self.num_stopped += 1
+            if self.cull_dir:
+                self.write_verdict(trial.trial_id, verdict)
+                return TrialScheduler.CONTINUE   # the trial reads the verdict and ends itself
         return action
+
+    def write_verdict(self, trial_id: str, verdict: str) -> None:
+        path = Path(self.cull_dir) / trial_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{trial_id}.tmp")
+        tmp.write_text(verdict + "\n")
+        os.replace(tmp, path)
 
     def on_trial_complete(self, tune_controller, trial, result: Dict):
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)
@@ -63,4 +97,5 @@ class GroupedASHA(FIFOScheduler):
         self.known.discard(trial.trial_id)
 
     def debug_string(self) -> str:
-        return f"Using ASHA per {'/'.join(self.group_keys)} ({len(self.groups)} groups): num_stopped={self.num_stopped}"
+        return (f"Using ASHA per {'/'.join(self.group_keys)} ({len(self.groups)} groups): "
+                f"num_stopped={self.num_stopped}")

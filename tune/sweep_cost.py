@@ -5,8 +5,8 @@
 
 For every (model, T, hidden_dim) of the grid it times training steps and one validation pass of the
 trainer's own model, data and optimiser (RMSprop) with torch using --cpus-per-trial threads, then
-projects the trial-time of the sweep: every trial run to --steps (the upper bound; ASHA stops some
-early), hidden_dim drawn uniformly. Ray's start-up and each trial's start (~5-10 s: a fresh worker
+projects the trial-time of the sweep: every trial run to --steps (the upper bound: solved and
+culled trials end early), hidden_dim drawn uniformly. Ray's start-up and each trial's start (~5-10 s: a fresh worker
 imports torch) are not included. Timings on a shared machine are noisy: each is the median of rounds.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from trainers.cli import parse_config, run_cli
 from trainers.lstm import LSTMConfig, build_model, train_batch, validation_set
-from tune.lstm_sweep import SweepConfig, apply_quick, parse_ints, parse_models
+from tune.lstm_sweep import SweepConfig, apply_quick, lengths_of, parse_ints, parse_models
 
 ROUNDS = 3          # timing rounds per point; the median is kept
 STEPS_PER_ROUND = 5  # training steps per round
@@ -63,16 +63,16 @@ def main(argv=None) -> dict:
     sc = apply_quick(parse_config(SweepConfig, argv, description=__doc__.splitlines()[0],
                                   prog="tune/sweep_cost.py"))
     torch.set_num_threads(max(1, int(sc.cpus_per_trial)))
-    lengths, hiddens = parse_ints(sc.seq_lengths, "seq_lengths", 2), parse_ints(sc.hidden_dims, "hidden_dims", 1)
+    hiddens = parse_ints(sc.hidden_dims, "hidden_dims", 1)
     evals = -(-sc.steps // sc.eval_every)
     print(f"{'model':>5} {'T':>3} {'H':>4} {'ms/step':>8} {'s/eval':>7} {'trial min':>9}")
     per_cell: dict[tuple[str, int], float] = {}
     for model in parse_models(sc.models):
-        for t in lengths:
+        for t in lengths_of(sc, model):
             trial_s = []
             for h in hiddens:
                 cfg = LSTMConfig(model=model, seq_length=t, hidden_dim=h, batch_size=sc.batch_size,
-                                 val_size=sc.val_size, seed=sc.seed)
+                                 val_size=sc.val_size, seed=sc.seed, input_encoding=sc.input_encoding)
                 step_s, eval_s = time_point(cfg)
                 trial_s.append(sc.steps * step_s + evals * eval_s)
                 print(f"{model:>5} {t:>3} {h:>4} {1000 * step_s:8.2f} {eval_s:7.3f} {trial_s[-1] / 60:9.1f}",
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     slots = max(1, int(cpus // sc.cpus_per_trial))
     trials = sc.num_samples * len(per_cell)
     print(f"{trials} trials x {sc.steps} steps: {total / 3600:.2f} trial-hours (every trial to the end; "
-          f"ASHA stops some early)")
+          f"solved and culled trials end early)")
     for model in parse_models(sc.models):
         print(f"  {model}: {sum(v for (m, _), v in per_cell.items() if m == model) / 3600:.2f} trial-hours")
     print(f"  = {total / 3600 / slots:.2f} h of wall time on {cpus} CPUs at {sc.cpus_per_trial:g} per trial "
