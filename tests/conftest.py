@@ -17,9 +17,9 @@ _CLEARED_PREFIXES = ("WANDB_", "ACCELERATE_")
 
 
 def clean_env(**extra) -> dict:
-    """The environment of a child run: no wandb credentials (so wandb runs offline), no WANDB_* or
-    ACCELERATE_* settings from the caller's shell, unless a test passes them in ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES)}
+    """The environment of a child run: no wandb credentials (so wandb runs offline), no WANDB_*,
+    ACCELERATE_* or RAY_ADDRESS settings from the caller's shell, unless a test passes them in ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEARED_PREFIXES) and k != "RAY_ADDRESS"}
     env.update({"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
                 "NETRC": os.devnull})
     env.update(extra)

@@ -143,6 +143,34 @@ def test_cli_run_writes_metrics_figures_checkpoints_and_offline_wandb(tmp_path):
     assert same_pixels(run / "figures" / "gates.png", tmp_path / "gates.png")
 
 
+def test_cli_run_with_eager_backend_scalar_input_and_bf16(tmp_path):
+    """The three switches users can flip on the default command, together, end to end: the saved
+    weights take 1-d inputs, and the validation numbers are theirs under bf16 autocast."""
+    proc = run_script(["trainers/lstm.py", *TINY, "--steps", "20", "--eval-every", "10", "--checkpoint-every", "10",
+                       "--backend", "eager", "--input-encoding", "scalar", "--mixed-precision", "bf16",
+                       "--out-dir", tmp_path, "--run-name", "switches"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "switches"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["finished"] and metrics["steps"] == 20
+    assert (metrics["config"]["backend"], metrics["config"]["input_encoding"], metrics["config"]["mixed_precision"]) \
+        == ("eager", "scalar", "bf16")
+    weights = load_file(run / "checkpoints" / "step_00000020" / "model.safetensors")
+    assert weights["W_x"].shape == (1, 64) and weights["W_x"].dtype == torch.float32   # fp32 master weights
+    known = {f.name for f in fields(LSTMConfig)}
+    cfg = LSTMConfig(**{k: v for k, v in metrics["config"].items() if k in known})
+    model = build_model(cfg).eval()
+    model.load_state_dict(weights)
+    x, y = validation_set(cfg).tensors
+    assert x.shape[-1] == 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x).float()
+    assert metrics["val/acc"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=0.011)
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=0.02)
+    [wandb_file] = run.glob("wandb/offline-run-*/run-*.wandb")
+    assert wandb_view(wandb_file, "--summary")["state"] == "finished"
+
+
 def test_null_tracker_when_wandb_is_off_or_missing(tmp_path, monkeypatch):
     train(tiny_config(tmp_path, run_name="off"))
     assert not (tmp_path / "off" / "wandb").exists()
