@@ -333,7 +333,8 @@ def connect_ray(sc: SweepConfig) -> bool:
     if sc.address:
         join(sc.address)
     else:
-        ray.init(num_cpus=sc.num_cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": a Ray of its own, even where another one runs on this machine
+        ray.init(address="local", num_cpus=sc.num_cpus or os.cpu_count(), include_dashboard=False,
                  object_store_memory=256 * 1024 ** 2)
     return True
 
