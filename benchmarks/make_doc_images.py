@@ -11,7 +11,7 @@ Each picture comes from one of these commands (seed 0, the trainers' defaults ot
            gan_stages.png (figures/three_panel.png)
     python trainers/gan.py interpolate --checkpoint runs/docs/gan --pairs 1-7 --mode both --out runs/docs/walk
         -> gan_walk.png (interp_linear_vs_slerp.png)
-    python trainers/lstm.py --seq-length 20 --steps 2000 --eval-every 100 --out-dir runs/docs --run-name lstm-T20
+    python trainers/lstm.py --seq-length 20 --steps 1000 --eval-every 100 --num-threads 1 --out-dir runs/docs --run-name lstm-T20
         -> lstm_gates.png (figures/gates.png), lstm_curves.png (figures/curves.png)
 
 The copies are shrunk to at most ``--width`` pixels and a 128-colour palette so the repository
@@ -32,7 +32,7 @@ IMAGES = ROOT / "docs" / "images"
 GAN_COPIES = {"samples/final.png": "gan_final.png", "figures/losses.png": "gan_losses.png",
               "figures/three_panel.png": "gan_stages.png"}
 LSTM_COPIES = {"figures/gates.png": "lstm_gates.png", "figures/curves.png": "lstm_curves.png"}
-LSTM_ARGS = ["--seq-length", "20", "--steps", "2000", "--eval-every", "100"]
+LSTM_ARGS = ["--seq-length", "20", "--steps", "1000", "--eval-every", "100", "--num-threads", "1"]
 WALK_PAIRS = "1-7"
 
 
