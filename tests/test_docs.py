@@ -134,3 +134,32 @@ def test_test_names_describe_behaviour():
                     and TEST_NAME_WORDS.search(node.name):
                 bad.append(f"{path.name}::{node.name}")
     assert not bad, bad
+
+
+PATH_RE = re.compile(r"(?<![\w/.<>-])((?:[\w.-]+/)+[\w.-]+\.(?:py|sh|sbatch|yaml|cpp|json|txt|pt))(?![\w/<>])")
+
+
+def command_paths(markdown: str) -> list[str]:
+    """Repository files a page names in code: its code blocks' commands (comments left out) and its
+    inline code spans. Paths under runs/ (what a run writes) and absolute paths are not files of the
+    repository."""
+    text = strip_comments(markdown)
+    spans = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.DOTALL):
+        spans += [line.split("#", 1)[0] for line in block.splitlines()]
+    spans += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.DOTALL))
+    return [m for span in spans for m in PATH_RE.findall(span) if not m.startswith(("runs/", "/"))]
+
+
+def test_command_paths_finds_scripts_and_configs():
+    text = "```bash\npython trainers/gan.py --out runs/x/y.py  # see docs/z.py\n" \
+           "accelerate launch --config_file launch/gpu_1.yaml tune/lstm_sweep.py\n```\n" \
+           "The file `models/csrc/lstm_cell.cpp`, `runs/<run>/metrics.json` and `<file>_eval/x.json`.\n"
+    assert command_paths(text) == ["trainers/gan.py", "launch/gpu_1.yaml", "tune/lstm_sweep.py",
+                                   "models/csrc/lstm_cell.cpp"]
+
+
+def test_every_script_and_config_the_docs_run_exists():
+    missing = [f"{page.relative_to(ROOT)}: {path}" for page in doc_pages()
+               for path in command_paths(page.read_text()) if not (ROOT / path).is_file()]
+    assert not missing, missing
