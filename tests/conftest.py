@@ -110,12 +110,6 @@ def offline_env(monkeypatch):
     _clear_tracking_env(monkeypatch)
 
 
-@pytest.fixture
-def no_wandb_env(monkeypatch):
-    """Kept for tests that ask for it by name; the autouse ``offline_env`` already does this."""
-    _clear_tracking_env(monkeypatch)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread for in-process tests: their sizes are tiny, and on a busy 2-core machine a
