@@ -196,6 +196,8 @@ def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
     assert run["run"]["job_type"] == "train" and run["run"]["tags"] == ["lstm", "T5", "onehot", "fp32"]
     assert _series(run["history"]) == {"train/loss", "train/acc", "val/loss", "val/acc"}
     assert run["summary"]["val/acc"] == pytest.approx(metrics["val/acc"])
+    for key in ("steps", "wall_time_s", "best_val_acc", "best_step", "stop_reason"):
+        assert run["summary"][key] == metrics[key], key
     assert run["charts"] == {"gates/mean": "wandb/lineseries/v0"}
 
     # the plotted means are those of the saved weights on the first validation palindrome, computed here
