@@ -198,7 +198,8 @@ def plot_gates(model, cfg: LSTMConfig, path: Path) -> Path:
     x, y = validation_set(cfg)[0:1]
     logits, states = model(x.to(next(model.parameters()).device), return_states=True)
     digits = (x[0].argmax(-1) if cfg.input_encoding == "onehot" else x[0, :, 0]).long().tolist()
-    ticks = [f"t={t}\n{d}" for t, d in enumerate(digits)]
+    # "t=step" over each digit while they fit; past 10 steps the digits alone (the title gives the order)
+    ticks = [f"t={t}\n{d}" for t, d in enumerate(digits)] if len(digits) <= 10 else [str(d) for d in digits]
     steps = range(len(digits))
     s = {k: v[0].float().cpu() for k, v in states.items()}   # each (L, H)
     title = (f"{cfg.model.upper()} on {''.join(map(str, digits))}? -> predicts "
