@@ -20,7 +20,7 @@ export TORCH_DISTRIBUTED_DEBUG=DETAIL
 free_port() { python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 now() { date +%s.%N; }
 secs() { python -c "print(f'{$2 - $1:.1f}')"; }
-echo "== $(nproc) cores, $(python -c 'import torch, ray, accelerate; print("torch", torch.__version__, "| ray", ray.__version__, "| accelerate", accelerate.__version__)')"
+echo "== $(nproc --all) cores, $(python -c 'import torch, ray, accelerate; print("torch", torch.__version__, "| ray", ray.__version__, "| accelerate", accelerate.__version__)')"
 
 if [[ " $PARTS " == *" slurm "* ]]; then
   echo "== SLURM dry run: 2 nodes x 4 GPUs"

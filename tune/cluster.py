@@ -198,9 +198,9 @@ def join(address: str) -> None:
     import ray
     from ray.exceptions import RayError
 
+    address = resolve(address)
     check_reachable(address)
-    scheme = split_address(address)[0] if address != "auto" else ""
-    if scheme == "ray":
+    if split_address(address)[0] == "ray":
         try:
             import grpc  # noqa: F401 - Ray Client's transport
         except ImportError:
@@ -209,7 +209,6 @@ def join(address: str) -> None:
                              "<head>:6379") from None
         source = prepare_auth(address)
     else:
-        address = resolve(address)
         source = prepare_auth(address)
         probe_head(address, source)
     try:   # Ray's "Connecting to ..." INFO lines would go to stderr; one line on stdout says it instead
