@@ -19,7 +19,7 @@ from trainers.cli import UsageError, parse_config, run_cli
 from trainers.lstm import LSTMConfig
 from trainers.tracking import read_offline_run
 from tune.asha import GroupedASHA
-from tune.lstm_sweep import SweepConfig, main, run_sweep
+from tune.lstm_sweep import NOT_REPRODUCED, SweepConfig, main, run_sweep
 
 TINY = dict(hidden_dims="6", num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
             val_size=100)
@@ -95,7 +95,8 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
         reached = [rep["step"] for rep in reports if rep["val/acc"] >= 0.99]
         assert r["steps_to_99"] == (str(reached[0]) if reached else "")
         assert 4e-4 <= float(r["lr"]) <= 2e-3 and r["hidden_dim"] == "6"
-        assert r["forget_bias"] == ("1.0" if r["model"] == "lstm" else "")
+        first_bias = float(SweepConfig().forget_biases.split(",")[0])   # draw 0 takes the first in the list
+        assert r["forget_bias"] == (str(first_bias) if r["model"] == "lstm" else "")
         # the trainer's own record of the trial agrees with what Tune received
         run_dir = Path(r["run_dir"])
         assert run_dir.parent == sweep / "trials"
@@ -130,7 +131,8 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
         assert (cfg.model, cfg.seq_length, cfg.hidden_dim, cfg.lr) == (model, 4, 6, float(entry["lr"]))
         # ... and the command line that rebuilds it, but for where it writes and how it shows
         rebuilt = parse_config(LSTMConfig, entry["argv"], "")
-        keep = {"out_dir", "run_name", "wandb_group", "progress", "resume"}
+        keep = set(NOT_REPRODUCED)
+        assert keep <= {"out_dir", "run_name", "wandb_group", "wandb_job_type", "progress", "resume"}
         assert {f.name: getattr(rebuilt, f.name) for f in fields(LSTMConfig) if f.name not in keep} == \
             {f.name: getattr(cfg, f.name) for f in fields(LSTMConfig) if f.name not in keep}
         assert entry["command"] == " ".join(["python trainers/lstm.py", *entry["argv"]])

@@ -43,7 +43,7 @@ from trainers.figures import plt, save_figure
 from trainers.lstm import NUM_CLASSES, LSTMConfig, train
 
 MODELS = ("lstm", "rnn")
-LSTM_LENGTHS = "20,30,50,100,200,300,500"  # the default grids of T: each reaches past its model's horizon
+LSTM_LENGTHS = "20,30,50,100,200,300,400"  # the default grids of T: each reaches past its model's horizon
 RNN_LENGTHS = "10,15,20,25,30,40"
 QUICK_LENGTHS = "10,20,30"
 MODEL_LABELS = {"lstm": "LSTM", "rnn": "Vanilla RNN"}
@@ -65,11 +65,11 @@ class SweepConfig:
     hidden_dims: str = arg("32,64", "hidden sizes drawn from (uniformly)", "search")
     lr_min: float = arg(4e-4, "lower end of the log-uniform learning-rate range", "search")
     lr_max: float = arg(2e-3, "upper end of the log-uniform learning-rate range", "search")
-    forget_biases: str = arg("1,3,5,7", "LSTM forget-gate biases; a grid point's draws take them in turn",
+    forget_biases: str = arg("3,5,7", "LSTM forget-gate biases; a grid point's draws take them in turn",
                              "search")
-    num_samples: int = arg(4, "draws per grid point (model, T), each with its own seed", "search")
+    num_samples: int = arg(3, "draws per grid point (model, T), each with its own seed", "search")
     # every trial (the rest of LSTMConfig keeps the trainer's defaults)
-    steps: int = arg(4000, "most training steps of a trial", "trial")
+    steps: int = arg(3000, "most training steps of a trial", "trial")
     eval_every: int = arg(250, "steps between validation passes = Tune reports = checkpoints", "trial")
     batch_size: int = arg(128, "sequences per step", "trial")
     val_size: int = arg(5000, "validation sequences per T (a fixed set)", "trial")
