@@ -29,7 +29,7 @@ if [[ " $PARTS " == *" slurm "* ]]; then
 fi
 
 two_nodes() {   # <name> <trainer args...>: both machine ranks at once; wall time of the slower
-  local name=$1 port t0 t1
+  local name=$1 port t0 t1 pids=()
   shift
   port=$(free_port)
   t0=$(now)
@@ -37,8 +37,9 @@ two_nodes() {   # <name> <trainer args...>: both machine ranks at once; wall tim
     accelerate launch --config_file launch/multinode.yaml --num_machines 2 --num_processes 2 \
       --machine_rank $rank --main_process_ip 127.0.0.1 --main_process_port "$port" --rdzv_conf timeout=300 \
       "$@" --no-progress --out-dir "$OUT/runs" --run-name "$name" > "$OUT/$name-node$rank.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"   # (a bare wait would also wait for the tee above)
   t1=$(now)
   tail -n 1 "$OUT/$name-node0.log"
   echo "$name: two nodes x 1 process, wall $(secs "$t0" "$t1") s (both launchers, start-up included)"

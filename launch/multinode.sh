@@ -50,7 +50,8 @@ CMD=(accelerate launch --config_file "$CONFIG"
      "$SCRIPT" --dist-timeout "$DIST_TIMEOUT" "$@")
 
 if [ -n "${DRY_RUN:-}" ]; then
-  echo "machine rank $RANK: ${CMD[*]}"
+  printf -v line '%q ' "${CMD[@]}"
+  echo "machine rank $RANK: ${line% }"
   exit 0
 fi
 
