@@ -217,6 +217,9 @@ def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(
                  "figures/class_histogram.png", "figures/interp_linear_vs_slerp.png", "figures/interp_slerp_8-3.png"):
         assert (run / name).is_file(), name
     assert set(m["stages"]) == {"0", "1", "2"} and all("eval/fid" in s for s in m["stages"].values())
+    # BatchNorm all-reduces only in the training step (G: 5 layers; D: 4 layers on real, fake, and fake
+    # again for G; forward and backward): the evaluation's passes run in eval mode and never sync
+    assert m["bn_allreduce_calls"] == 2 * (5 + 3 * 4) * m["steps"]
     # the work is shared: each rank classified half of what one process classifies (test set, floor,
     # 3 stages, the final samples, the endpoint search); rank 0 alone labels the 8 walks of 9 frames
     one_process = 10_000 + ge.FLOOR_SAMPLES + 3 * 200 + 400 + ge.ENDPOINT_DRAWS
