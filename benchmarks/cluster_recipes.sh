@@ -59,7 +59,7 @@ if [[ " $PARTS " == *" ray "* ]]; then
   setsid ray start --head --port "$port" --num-cpus 2 --include-dashboard false --disable-usage-stats --block \
     > "$OUT/ray-head.log" 2>&1 &
   head_pid=$!
-  until grep -q "Ray runtime started" "$OUT/ray-head.log"; do
+  until grep -qs "Ray runtime started" "$OUT/ray-head.log"; do
     kill -0 $head_pid 2> /dev/null || { cat "$OUT/ray-head.log"; exit 1; }
     sleep 0.5
   done
