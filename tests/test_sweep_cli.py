@@ -1,6 +1,6 @@
-"""`python tune/lstm_sweep.py --quick` as users run it: the script's own Ray (started and shut down
-by it), ASHA culling a trial among the draws of one grid point, and Ctrl-C -> exit code 130.
-Sizes are shrunk by flags; everything else is the --quick preset."""
+"""`python tune/lstm_sweep.py [--quick]` as users run it: the script's own Ray (started and shut down
+by it), ASHA culling trials among the draws of one grid point, Ctrl-C -> exit code 130, and
+`python tune/sweep_cost.py --quick`. Sizes are shrunk by flags."""
 import csv
 import json
 import re
@@ -20,8 +20,9 @@ SHRINK = ["--seq-lengths", "4", "--hidden-dims", "6", "--batch-size", "16", "--v
           "--eval-every", "10", "--grace-period", "10", "--floor-acc", "0"]
 
 
-def sweep_script(args, tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "tune/lstm_sweep.py", "--quick", *SHRINK, *map(str, args),
+def sweep_script(args, tmp_path: Path, quick: bool = True) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "tune/lstm_sweep.py", *(["--quick"] if quick else []), *SHRINK,
+                             *map(str, args),
                              "--out-dir", str(tmp_path)], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -55,13 +56,15 @@ def ray_processes_of(pid: int) -> list[str]:
     return found
 
 
-def test_quick_sweep_script_starts_and_stops_its_own_ray_and_asha_culls_within_a_grid_point(tmp_path):
+def test_sweep_script_starts_and_stops_its_own_ray_and_asha_culls_within_a_grid_point(tmp_path):
     # One trial at a time (--cpus-per-trial 2 on a 2-CPU Ray), so the order in which results reach
     # the scheduler is the trials' order, and Ray's own ASHAScheduler can replay it. A wide lr range
     # spreads the 3 draws (seed 0 draws them from high to low lr), so the later draws fall behind.
-    child = sweep_script(["--models", "lstm", "--seq-lengths", "3", "--num-samples", "3", "--steps", "30",
-                          "--val-size", "500", "--lr-min", "1e-3", "--lr-max", "1e-1", "--reduction-factor", "2",
-                          "--num-cpus", "2", "--cpus-per-trial", "2", "--name", "q"], tmp_path)
+    # Every flag is given (no --quick, which replaces flags left at their defaults).
+    child = sweep_script(["--models", "lstm", "--seq-lengths", "3", "--num-samples", "3", "--forget-biases", "3",
+                          "--steps", "30", "--val-size", "500", "--lr-min", "1e-3", "--lr-max", "1e-1",
+                          "--reduction-factor", "2", "--num-cpus", "2", "--cpus-per-trial", "2", "--name", "q"],
+                         tmp_path, quick=False)
     out, err = finish(child, timeout=500)
     assert child.returncode == 0, err[-3000:]
     assert "| LSTM |" in out                                        # the table, printed by __main__
@@ -133,14 +136,15 @@ def test_sweep_cost_adds_up_its_own_timings_per_grid_point(capsys):
 
     result = cost_main(["--quick", "--seq-lengths", "4,6", "--hidden-dims", "6,8", "--batch-size", "16",
                         "--num-samples", "2", "--num-cpus", "2"])
-    rows = re.findall(r"^\s*(lstm|rnn)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", capsys.readouterr().out,
-                      re.M)
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s*(lstm|rnn)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", out, re.M)
+    draws = int(re.search(r"^(\d+) trials x", out, re.M).group(1)) // 4    # per grid point (4 of them)
     assert sorted((m, int(t), int(h)) for m, t, h, *_ in rows) == \
         [(m, t, h) for m in ("lstm", "rnn") for t in (4, 6) for h in (6, 8)]
     steps, evals = QUICK["steps"], -(-QUICK["steps"] // QUICK["eval_every"])   # the quick preset's trials
     for (model, t), seconds in result["per_cell_s"].items():
-        # 2 draws x the mean over hidden_dim of steps x (printed ms/step) + validations x (printed s/eval)
+        # draws x the mean over hidden_dim of steps x (printed ms/step) + validations x (printed s/eval)
         mine = [steps * float(ms) / 1000 + evals * float(ev) for m, tt, _, ms, ev, _ in rows if (m, int(tt)) == (model, t)]
-        slack = 2 * (steps * 0.005e-3 + evals * 0.0005)   # the printed figures' rounding
-        assert seconds == pytest.approx(2 * sum(mine) / len(mine), abs=slack), (model, t)
+        slack = draws * (steps * 0.005e-3 + evals * 0.0005)   # the printed figures' rounding
+        assert seconds == pytest.approx(draws * sum(mine) / len(mine), abs=slack), (model, t)
     assert result["trial_hours"] == pytest.approx(sum(result["per_cell_s"].values()) / 3600)
