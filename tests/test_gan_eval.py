@@ -290,11 +290,13 @@ def test_interpolate_writes_every_figure_and_logs_images_and_table_to_wandb(tiny
     stdout = capsys.readouterr().out
     expected = ["interp_linear_8-3", "interp_slerp_8-3", "interp_linear_1-7", "interp_slerp_1-7",
                 "interp_linear_vs_slerp"]
-    generator, _ = gan.load_generator(run_dir)     # the same walks, drawn again here
-    _, redrawn = ge.interpolate(generator, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path / "redrawn", draws=256)
-    assert sorted(p.stem for p in redrawn.values()) == sorted(expected)
-    for path in redrawn.values():
-        assert same_pixels(out / path.name, path), path.name
+    generator, _ = gan.load_generator(run_dir)     # the same walks, each drawn again here
+    walks, _ = ge.interpolate(generator, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path / "redrawn", draws=256)
+    assert sorted(f"interp_{w.mode}_{w.pair[0]}-{w.pair[1]}" for w in walks) == sorted(expected[:4])
+    for w in walks:
+        name = f"interp_{w.mode}_{w.pair[0]}-{w.pair[1]}.png"
+        assert same_pixels(out / name, ge.plot_strip(w, tmp_path / "strip.png")), name
+    assert same_pixels(out / "interp_linear_vs_slerp.png", ge.plot_comparison(walks, tmp_path / "both.png"))
     walk_lines = [line for line in stdout.splitlines() if re.match(r"(linear|slerp)\s+\d->\d", line)]
     assert len(walk_lines) == 4 and all(len(re.findall(r"\d:[01]\.\d\d", line)) == 5 for line in walk_lines)
     run_files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
