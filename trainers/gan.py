@@ -39,7 +39,7 @@ from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, s
 from trainers.cli import (UsageError, arg, make_parser, require_at_least, require_non_negative,
                           require_positive, require_writable_file, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure, smooth
-from trainers.gan_sampling import generate, load_generator_state, noise
+from trainers.gan_sampling import BN_CALIBRATION, calibrate_batchnorm, generate, load_generator_state, noise
 from trainers.runtime import (DIST_TIMEOUT_S, MIXED_PRECISION, RunConfig, Shards, StopFlag, check_run_dir_is_free,
                               collective_failures, fingerprint, gather_fingerprints, generator_for,
                               launched_processes, make_accelerator)
@@ -51,8 +51,6 @@ GRID_SIDE = 8            # fixed-noise grids are 8 x 8
 DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of (seed, key, ...)
 NOISE_STREAM = 1_002
 FIXED_STREAM = 1_003
-BN_STREAM = 1_004
-BN_CALIBRATION = (8, 256)  # batches x size of z used to re-estimate the EMA generator's BatchNorm stats
 SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images_per_s", "eval_time_s",
                 "skipped_steps_d", "skipped_steps_g")   # metrics.json numbers the run's summary repeats
 
@@ -247,23 +245,6 @@ class EMA(nn.Module):
         """Re-estimate BatchNorm running stats (cumulative average over fixed z); return G in eval mode."""
         batches, size = BN_CALIBRATION
         return calibrate_batchnorm(self.module, seed, batches, size)
-
-
-@torch.no_grad()
-def calibrate_batchnorm(generator: nn.Module, seed: int, batches: int, size: int) -> nn.Module:
-    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    generator.train()
-    device = next(generator.parameters()).device
-    latent = generator.latent_dim
-    for k in range(batches):
-        generator(noise(size, latent, seed, BN_STREAM, k).to(device))
-    for m, momentum in zip(norms, saved):
-        m.momentum = momentum
-    return generator.eval()
 
 
 # --- checkpoints -------------------------------------------------------------------------------

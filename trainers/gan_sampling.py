@@ -15,7 +15,9 @@ from trainers.checkpoint import read_meta, resolve_checkpoint
 from trainers.cli import UsageError
 from trainers.runtime import generator_for
 
+BN_STREAM = 1_004         # seed key of the z that re-estimate an EMA generator's BatchNorm statistics
 SAMPLE_STREAM = 1_005     # seed key of the z behind `sample`, the stage metrics and the final metrics
+BN_CALIBRATION = (8, 256)  # batches x size of z used to re-estimate the EMA generator's BatchNorm stats
 G_WEIGHTS = "model.safetensors"          # accelerate's name for the first prepared model (G)
 EMA_WEIGHTS = "custom_checkpoint_0.pkl"  # ... and for the first object registered for checkpointing
 
@@ -50,9 +52,29 @@ def generate(generator: nn.Module, n: int, seed: int, batch: int = 500,
     return torch.cat(out).clamp_(-1, 1)
 
 
+@torch.no_grad()
+def calibrate_batchnorm(generator: nn.Module, seed: int, batches: int, size: int) -> nn.Module:
+    """Re-estimate BatchNorm's running statistics from ``batches`` x ``size`` fixed z (a cumulative
+    average); return the generator in eval mode. Averaged (EMA) weights do not match the live
+    generator's statistics, so the EMA generator is calibrated before it samples."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    generator.train()
+    device = next(generator.parameters()).device
+    latent = generator.latent_dim
+    for k in range(batches):
+        generator(noise(size, latent, seed, BN_STREAM, k).to(device))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return generator.eval()
+
+
 def load_generator_state(checkpoint_path: str | Path) -> tuple[Generator, dict]:
-    """The generator whose samples the run reports (the EMA one if the run kept one), in eval
-    mode on the CPU, and the run's config as saved. ``checkpoint_path``: a run, checkpoints/ or
+    """The generator whose samples the run reports (the EMA one if the run kept one, its BatchNorm
+    statistics re-estimated as the trainer does), in eval mode on the CPU, and the run's config as saved. ``checkpoint_path``: a run, checkpoints/ or
     step folder."""
     ckpt = resolve_checkpoint(Path(checkpoint_path))
     config = read_meta(ckpt).get("config", {})
@@ -68,4 +90,6 @@ def load_generator_state(checkpoint_path: str | Path) -> tuple[Generator, dict]:
     except Exception as err:  # missing, truncated or foreign files
         raise UsageError(f"checkpoint {ckpt} cannot be loaded ({err.__class__.__name__}: "
                          f"{str(err).splitlines()[0][:120] if str(err) else ''}); pass another checkpoint") from None
+    if config.get("ema_decay", 0) > 0:   # as the trainer does before every EMA sample: any checkpoint
+        calibrate_batchnorm(generator, config.get("seed", 0), *BN_CALIBRATION)   # samples like the run's final
     return generator.eval(), config
