@@ -9,6 +9,7 @@ instead of hanging.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,7 +125,7 @@ def test_lstm_two_processes_stop_on_sigterm_to_the_launcher_then_resume_and_fini
 
 
 def test_lstm_under_torchrun_a_killed_rank_ends_the_job_and_resume_finishes(tmp_path):
-    args = [*LSTM_ARGS, "--steps", "1500", "--out-dir", tmp_path, "--run-name", "kill"]
+    args = [*LSTM_ARGS, "--steps", "600", "--out-dir", tmp_path, "--run-name", "kill"]
     run = tmp_path / "kill"
     child = start(args, tmp_path / "first.log", launcher="torchrun")
     wait_for(child, has_checkpoint(run, 100), "the checkpoint at step 100", timeout=240)
@@ -140,7 +141,7 @@ def test_lstm_under_torchrun_a_killed_rank_ends_the_job_and_resume_finishes(tmp_
     done = launch([*args, "--resume"], launcher="torchrun")
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["finished"] and m["steps"] == 1500 and len(set(m["rank_weight_fingerprints"])) == 1
+    assert m["finished"] and m["steps"] == 600 and len(set(m["rank_weight_fingerprints"])) == 1
 
 
 def test_a_stuck_collective_ends_the_job_with_one_line_within_the_timeout(tmp_path):
@@ -185,10 +186,32 @@ GAN_DEMO = ["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "8", "
 
 @pytest.fixture(scope="module")
 def gan_two_procs(tmp_path_factory):
+    """The GAN on 2 processes with the defaults: rank 1 is SIGKILLed once the checkpoint at iteration 5
+    exists, then the same launch command with --resume finishes the run (stages, final evaluation, walks)."""
     out = tmp_path_factory.mktemp("gan2")
-    proc = launch([*GAN_DEMO, "--out-dir", out, "--run-name", "two"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "two", proc
+    args = [*GAN_DEMO, "--checkpoint-every", "5", "--out-dir", out, "--run-name", "two"]
+    run = out / "two"
+    child = start(args, out / "first.log")
+    wait_for(child, has_checkpoint(run, 5), "the checkpoint at iteration 5", timeout=300)
+    ranks = rank_pids(child.pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    child.wait(timeout=150)
+    killed = {"returncode": child.returncode, "ended_after_s": time.monotonic() - killed_at,
+              "metrics_written": (run / "metrics.json").exists()}
+    done = launch([*args, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed_from = int(re.search(r"resuming two from iteration (\d+)", done.stdout).group(1))
+    return run, done, killed, resumed_from
+
+
+def test_gan_a_killed_rank_ends_the_job_within_two_minutes_and_resume_finishes(gan_two_procs):
+    run, done, killed, resumed_from = gan_two_procs
+    assert killed["returncode"] != 0 and not killed["metrics_written"]
+    assert killed["ended_after_s"] < 120, "the surviving rank did not end within 2 minutes"
+    assert resumed_from >= 5
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["finished"] and m["steps"] == 20 and "fid" in m["final"]
 
 
 def single_process_evaluation(run: Path, n: int) -> dict:
@@ -205,29 +228,31 @@ def assert_close(a: float, b: float, rel: float = 1e-4):
 
 def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(gan_two_procs):
     import trainers.gan_eval as ge
-    run, proc = gan_two_procs
+    run, proc, _, resumed_from = gan_two_procs
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["finished"] and m["steps"] == 2 * 10   # 640 / 2 ranks / batch 32
     assert len(set(m["rank_weight_fingerprints"])) == 1                      # weights and BN buffers
     assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
     assert proc.stdout.count("images/s") == 1                                 # one summary line, rank 0's
-    assert len(list(run.glob("wandb/offline-run-*"))) == 1
+    assert len(list(run.glob("wandb/offline-run-*"))) == 2                    # one per launch
     for name in ("samples/epoch_000.png", "samples/epoch_001.png", "samples/epoch_002.png", "samples/final.png",
                  "figures/losses.png", "figures/stages.png", "figures/three_panel.png",
                  "figures/class_histogram.png", "figures/interp_linear_vs_slerp.png", "figures/interp_slerp_8-3.png"):
         assert (run / name).is_file(), name
     assert set(m["stages"]) == {"0", "1", "2"} and all("eval/fid" in s for s in m["stages"].values())
+    # the work is shared: in the resumed launch each rank classified half of what one process classifies
+    # (test set, floor, its stages, the final samples, the endpoint search); rank 0 alone labels the 8
+    # walks of 9 frames
+    stages_here = [e for e in (1, 2) if 10 * e > resumed_from]
+    one_process = 10_000 + ge.FLOOR_SAMPLES + len(stages_here) * 200 + 400 + ge.ENDPOINT_DRAWS
+    assert m["eval_images_per_rank"] == [one_process // 2 + 8 * 9, one_process // 2]
     # BatchNorm all-reduces only in the training step (G: 5 layers; D: 4 layers on real, fake, and fake
     # again for G; forward and backward): the evaluation's passes run in eval mode and never sync
-    assert m["bn_allreduce_calls"] == 2 * (5 + 3 * 4) * m["steps"]
-    # the work is shared: each rank classified half of what one process classifies (test set, floor,
-    # 3 stages, the final samples, the endpoint search); rank 0 alone labels the 8 walks of 9 frames
-    one_process = 10_000 + ge.FLOOR_SAMPLES + 3 * 200 + 400 + ge.ENDPOINT_DRAWS
-    assert m["eval_images_per_rank"] == [one_process // 2 + 8 * 9, one_process // 2]
+    assert m["bn_allreduce_calls"] == 2 * (5 + 3 * 4) * (m["steps"] - resumed_from)
 
 
 def test_gan_two_process_evaluation_equals_one_process(gan_two_procs):
-    run, _ = gan_two_procs
+    run = gan_two_procs[0]
     final = json.loads((run / "metrics.json").read_text())["final"]
     ref = single_process_evaluation(run, 400)
     g, f = ref["generated"], ref["real_floor"]
@@ -240,8 +265,8 @@ def test_gan_two_process_evaluation_equals_one_process(gan_two_procs):
 
 
 def test_evaluate_and_sample_under_torchrun_equal_one_process(gan_two_procs, tmp_path):
-    run, _ = gan_two_procs
-    ev = launch(["trainers/gan.py", "evaluate", "--checkpoint", run, "--n", "400", "--out", tmp_path / "ev"],
+    run = gan_two_procs[0]
+    ev = launch(["trainers/gan.py", "evaluate", "--checkpoint", run, "--num-images", "400", "--out", tmp_path / "ev"],
                 launcher="torchrun")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert ev.stdout.count("FID / floor") == 1                       # rank 0 reports, once
@@ -254,31 +279,12 @@ def test_evaluate_and_sample_under_torchrun_equal_one_process(gan_two_procs, tmp
     for a, b in zip(got["generated"]["class_hist"], ref["generated"]["class_hist"]):
         assert_close(a, b)
 
-    sm = launch(["trainers/gan.py", "sample", "--checkpoint", run, "--n", "9", "--out", tmp_path / "s.pt"],
+    sm = launch(["trainers/gan.py", "sample", "--checkpoint", run, "--num-images", "9", "--out", tmp_path / "s.pt"],
                 launcher="torchrun")
     assert sm.returncode == 0, sm.stderr[-3000:]
     from trainers.gan import generate, load_generator
     images = torch.load(tmp_path / "s.pt", weights_only=True)
     assert torch.allclose(images, generate(load_generator(run)[0], 9, seed=0), atol=1e-5)
-
-
-def test_gan_with_defaults_a_killed_rank_ends_the_job_and_resume_finishes(tmp_path):
-    args = [*GAN_DEMO, "--checkpoint-every", "5", "--out-dir", tmp_path, "--run-name", "kill"]
-    run = tmp_path / "kill"
-    child = start(args, tmp_path / "first.log")
-    wait_for(child, has_checkpoint(run, 5), "the checkpoint at iteration 5", timeout=300)
-    ranks = rank_pids(child.pid)
-    os.kill(ranks[1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    child.wait(timeout=150)
-    assert time.monotonic() - killed_at < 120, "the surviving rank did not end within 2 minutes"
-    assert child.returncode != 0 and not (run / "metrics.json").exists()
-
-    done = launch([*args, "--resume"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["finished"] and m["steps"] == 20 and len(set(m["rank_weight_fingerprints"])) == 1
-    assert "fid" in m["final"] and (run / "samples" / "epoch_002.png").is_file()
 
 
 # --- BatchNorm over the global batch: 2 processes follow 1 process --------------------------------

@@ -28,9 +28,10 @@ class JobFailure(Exception):
     """The job could not go on (a rank died, a collective timed out): one line, exit code 1."""
 
 
-def arg(default: Any, help: str, group: str = "misc", choices: Sequence[Any] | None = None):
-    """A dataclass field that knows its CLI help text, group and choices."""
-    meta = {"help": help, "group": group, "choices": choices}
+def arg(default: Any, help: str, group: str = "misc", choices: Sequence[Any] | None = None,
+        aliases: Sequence[str] = ()):
+    """A dataclass field that knows its CLI help text, group, choices and other flag spellings."""
+    meta = {"help": help, "group": group, "choices": choices, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -80,7 +81,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=meta["help"])
             continue
-        group.add_argument(_flag(f.name), dest=f.name, type=kind, default=default,
+        group.add_argument(_flag(f.name), *meta.get("aliases", ()), dest=f.name, type=kind, default=default,
                            choices=meta["choices"], metavar=f.name.upper() if not meta["choices"] else None,
                            help=meta["help"])
 

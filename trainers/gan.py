@@ -565,7 +565,8 @@ def finish_run(cfg, run_dir, history, iters, stages, step, finished, sampler, de
 @dataclass
 class SampleConfig:
     checkpoint: str = arg("", "a run folder, its checkpoints/ folder or one checkpoints/step_* folder", "sample")
-    n: int = arg(64, "number of images", "sample")
+    n: int = arg(64, "number of images (--num-images under torchrun or accelerate launch, whose own "
+                 "parsers take --n for theirs)", "sample", aliases=("--num-images",))
     out: str = arg("samples.png", "output: .pt (an N x 1 x 28 x 28 tensor in [-1, 1]) or .png (a grid)", "sample")
     seed: int = arg(0, "seed of the z draws", "sample")
 

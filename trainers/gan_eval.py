@@ -499,7 +499,9 @@ def flat_metrics(result: dict) -> dict[str, float]:
 class EvaluateConfig:
     checkpoint: str = arg("", "run folder or checkpoint to sample from (or use --images)", "input")
     images: str = arg("", ".pt file holding an N x 1 x 28 x 28 float tensor in [-1, 1] (or use --checkpoint)", "input")
-    n: int = arg(FULL_SAMPLES, "images sampled from --checkpoint (the floor uses 10,000)", "evaluation")
+    n: int = arg(FULL_SAMPLES, "images sampled from --checkpoint (the floor uses 10,000); --num-images under "
+                 "torchrun or accelerate launch, whose own parsers take --n for theirs", "evaluation",
+                 aliases=("--num-images",))
     seed: int = arg(0, "seed of the sampled latents", "evaluation")
     out: str = arg("", "folder for metrics.json and class_histogram.png (default: <run>/eval or "
                        "<images stem>_eval beside the file)", "output")
