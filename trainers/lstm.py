@@ -36,8 +36,9 @@ from trainers.checkpoint import (PREFIX, latest_checkpoint, list_checkpoints, lo
 from trainers.cli import (UsageError, arg, parse_config, require_at_least, require_non_negative,
                           require_positive, run_cli, validate_field_choices)
 from trainers.figures import plt, save_figure
-from trainers.runtime import (MIXED_PRECISION, RunConfig, StopFlag, check_run_dir_is_free, fingerprint,
-                              gather_fingerprints, generator_for, make_accelerator)
+from trainers.runtime import (MIXED_PRECISION, RunConfig, StopFlag, check_run_dir_is_free,
+                              collective_failures, fingerprint, gather_fingerprints, generator_for,
+                              launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
 
 NUM_CLASSES = 10      # digits 0-9
@@ -80,7 +81,7 @@ class LSTMConfig(RunConfig):
         require_at_least(self.seq_length, 2, "seq_length")
         require_positive(self.lr, "lr")
         for name in ("steps", "batch_size", "hidden_dim", "eval_every", "log_every", "val_size",
-                     "checkpoint_every", "keep_checkpoints"):
+                     "checkpoint_every", "keep_checkpoints", "dist_timeout"):
             require_at_least(getattr(self, name), 1, name)
         require_non_negative(self.clip_norm, "clip_norm")
         require_at_least(self.num_threads, 0, "num_threads")
@@ -260,7 +261,13 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], str | Non
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb, run_dir)
+    with collective_failures(launched_processes(), cfg.dist_timeout, ckpt_dir):
+        return train_loop(cfg, resume_from, on_eval)
+
+
+def train_loop(cfg: LSTMConfig, resume_from: Path | None, on_eval=None) -> dict:
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.wandb, run_dir, dist_timeout=cfg.dist_timeout)
     rank, config = accelerator.process_index, asdict(cfg)
     model = build_model(cfg)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
