@@ -310,3 +310,20 @@ def test_bad_input_gives_one_line_and_exit_2(flags, needle, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert "Traceback" not in err and not any(tmp_path.iterdir())      # nothing written
+
+
+def test_a_restarted_trial_ignores_a_tune_checkpoint_cut_short_by_a_dying_head(tmp_path):
+    """The head died while Tune persisted a trial's checkpoint: Tune hands back a folder without its
+    pointer file (or without the trainer's files). The trial continues from its run folder's own latest
+    checkpoint instead of failing; with neither, it starts from step 0."""
+    import tune.lstm_sweep as sweep
+    cfg = LSTMConfig(out_dir=str(tmp_path / "trials"), run_name="t")
+    cut_short = tmp_path / "tune" / "checkpoint_000005"
+    cut_short.mkdir(parents=True)                                        # no pointer file
+    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 0 and not cfg.resume
+    local = cfg.run_dir / "checkpoints" / "step_00000080"
+    local.mkdir(parents=True)
+    (local / "palgan.json").write_text(json.dumps({"step": 80}))
+    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 80 and cfg.resume
+    (cut_short / sweep.POINTER).write_text(json.dumps({"checkpoint": "step_00000090"}))   # named, never copied
+    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 80

@@ -240,12 +240,18 @@ def restore_trainer_checkpoint(cfg: LSTMConfig, tune_ckpt_dir: Path | None) -> i
     back: Tune registers a reported checkpoint asynchronously, so after a Ctrl-C or a crash it may
     restore the previous one although the report after it was received (continuing from Tune's
     would train and report those steps twice). Tune's copy is used when the run folder lacks it
-    (a trial moved to another node, or a deleted folder)."""
+    (a trial moved to another node, or a deleted folder); a copy that Tune recorded but did not finish
+    writing (the head died meanwhile) is ignored."""
     ckpt_dir = cfg.run_dir / "checkpoints"
     local = list_checkpoints(ckpt_dir)
     restored = None
     if tune_ckpt_dir is not None:
-        restored = tune_ckpt_dir / json.loads((tune_ckpt_dir / POINTER).read_text())["checkpoint"]
+        try:
+            restored = tune_ckpt_dir / json.loads((tune_ckpt_dir / POINTER).read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError):   # Tune's copy was cut short: the head died
+            restored = None                                  # while it persisted it; use the run folder's
+        if restored is not None and not (restored / "palgan.json").is_file():
+            restored = None
     if local and (restored is None or checkpoint_step(local[-1]) >= checkpoint_step(restored)):
         start = checkpoint_step(local[-1])
     elif restored is not None:
