@@ -305,6 +305,8 @@ def run_trial(config: dict) -> None:
     log_attempt(cfg, start)
     marker = cull_marker(cfg, trial_id)
 
+    reported = []
+
     def on_eval(step: int, metrics: dict, ckpt: Path | None) -> str | None:
         """Report, then end the run if the scheduler culled it: Tune's report returns only once the
         scheduler has judged this result, and the trainer then ends the run as it would any other
@@ -312,9 +314,16 @@ def run_trial(config: dict) -> None:
         from tune.asha import CULLED_BY_ASHA
 
         report_to_tune(step, metrics, ckpt)
+        reported.append(step)
         return (marker.read_text().strip() or CULLED_BY_ASHA) if marker.exists() else None
 
-    train(cfg, on_eval=on_eval)
+    final = train(cfg, on_eval=on_eval)
+    if not reported and final.get("steps", 0) > 0:
+        # restarted at its last checkpoint (its head died after the run's end but before Tune had
+        # recorded that report): nothing was left to train, so tell Tune where the run ended
+        last = list_checkpoints(cfg.run_dir / "checkpoints")
+        scalars = {k: final[k] for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in final}
+        report_to_tune(int(final["steps"]), scalars, last[-1] if last else None)
 
 
 def trial_dirname(trial) -> str:
