@@ -159,13 +159,33 @@ def test_a_stuck_collective_ends_the_job_with_one_line_within_the_timeout(tmp_pa
         wait_for(child, lambda: "lstm.py: error:" in log.read_text(), "rank 0's error line", timeout=120)
         waited = time.monotonic() - stopped_at
     finally:
-        os.kill(ranks[1], signal.SIGCONT)   # let the launcher's SIGTERM reach it
+        try:
+            os.kill(ranks[1], signal.SIGCONT)   # let the launcher's SIGTERM reach it
+        except ProcessLookupError:
+            pass
     child.wait(timeout=120)
     assert child.returncode != 0
     line = error_lines(log.read_text(), "lstm.py")[0]    # rank 0's, the first
     assert "--dist-timeout 10s" in line and "--resume" in line and str(run / "checkpoints") in line, line
     assert waited < 90, waited
     assert step_checkpoints(run), "the checkpoints were lost"
+
+
+@pytest.mark.parametrize("raised", [
+    "[Rank 0]: Ranks 1 failed to pass monitoredBarrier in 10000 ms",    # from DDP's backward, DETAIL mode
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv operation",
+    "Connection closed by peer [127.0.0.1]:41234"])
+def test_collective_errors_raised_anywhere_become_one_line(raised):
+    """Wherever the error surfaces (DDP's reducer raises from the autograd engine, outside
+    torch.distributed's Python code), a failed collective is a JobFailure naming the cure."""
+    from trainers.cli import JobFailure
+    from trainers.runtime import collective_failures
+    with pytest.raises(JobFailure, match="rerun the same launch command with --resume"):
+        with collective_failures(2, 10, Path("ckpts")):
+            raise RuntimeError(raised)
+    with pytest.raises(RuntimeError, match="shape"):           # other errors pass through
+        with collective_failures(2, 10, Path("ckpts")):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
 
 def test_detail_mode_turns_a_collective_mismatch_into_one_line(tmp_path):

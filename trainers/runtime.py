@@ -123,7 +123,8 @@ def launched_processes() -> int:
 
 # Words in the errors that gloo, NCCL and torch.distributed raise when a peer is gone or late.
 _COLLECTIVE_ERRORS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe",
-                      "gloo", "nccl", "processgroup", "peer", "rendezvous")
+                      "gloo", "nccl", "processgroup", "peer", "rendezvous", "monitoredbarrier",
+                      "[rank ")   # DDP's reducer raises these from the backward pass, outside torch.distributed
 
 
 def _raised_in_distributed(err: BaseException) -> bool:
