@@ -14,17 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from trainers.cli import UsageError
+from trainers.files import write_json_atomic  # noqa: F401 - re-exported for the trainers
 
 META = "palgan.json"
 PREFIX = "step_"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def checkpoint_name(step: int) -> str:
