@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import trainers.lstm as lstm_trainer
-from trainers.cli import UsageError
+from trainers.cli import UsageError, build
 from trainers.lstm import LSTMConfig, build_model, train, validation_set
 from trainers.tracking import read_offline_run
 
@@ -20,7 +20,7 @@ def tiny(tmp_path, **kw) -> LSTMConfig:
     base = dict(hidden_dim=8, val_size=200, batch_size=32, eval_every=10, log_every=10, checkpoint_every=10,
                 out_dir=str(tmp_path), progress=False, num_threads=1)
     base.update(kw)
-    return LSTMConfig(**base)
+    return build(LSTMConfig, **base)
 
 
 def accuracy_of(ckpt: Path, cfg: LSTMConfig) -> float:
@@ -54,10 +54,10 @@ def test_a_run_that_holds_the_solved_accuracy_ends_there_as_solved(tmp_path):
     ckpts = sorted((cfg.run_dir / "checkpoints").glob("step_*"))
     history = val_history(ckpts[-1])
     (*before, (first, acc1), (second, acc2)) = history
-    assert acc1 >= cfg.solved_acc and acc2 >= cfg.solved_acc
-    assert all(acc < cfg.solved_acc for _, acc in before[-1:])    # it ended at the first chance it had
+    assert acc1 >= cfg.eval.solved_acc and acc2 >= cfg.eval.solved_acc
+    assert all(acc < cfg.eval.solved_acc for _, acc in before[-1:])    # it ended at the first chance it had
     assert metrics["stop_reason"] == "solved" and metrics["finished"]
-    assert metrics["steps"] == second < cfg.steps and metrics["steps_to_solve"] == first
+    assert metrics["steps"] == second < cfg.optim.steps and metrics["steps_to_solve"] == first
     assert int(ckpts[-1].name.split("_")[1]) == second              # a checkpoint where it stopped
     assert accuracy_of(ckpts[-1], cfg) == pytest.approx(metrics["last_val_acc"]) == pytest.approx(acc2)
     on_disk = json.loads((cfg.run_dir / "metrics.json").read_text())

@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -15,8 +14,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when
-from trainers.cli import UsageError, parse_config, run_cli
-from trainers.lstm import (LSTMConfig, build_model, main, palindromes, plot_curves, plot_gates, train, train_batch,
+from trainers.cli import UsageError, build, from_saved, override, parse, run_cli
+from trainers.lstm_plots import plot_curves, plot_gates
+from trainers.lstm import (LSTMConfig, build_model, main, palindromes, train, train_batch,
                            validation_set)
 from trainers.runtime import generator_for
 from trainers.tracking import read_offline_run
@@ -28,7 +28,7 @@ def tiny_config(tmp_path, **kw) -> LSTMConfig:
     base = dict(hidden_dim=16, val_size=200, batch_size=32, steps=40, eval_every=20, log_every=10,
                 checkpoint_every=20, out_dir=str(tmp_path), wandb=False, progress=False)
     base.update(kw)
-    return LSTMConfig(**base)
+    return build(LSTMConfig, **base)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -38,24 +38,24 @@ def test_palindromes_are_palindromes_and_target_is_first_digit():
         d = palindromes(500, length, generator_for(0, length))
         assert torch.equal(d, d.flip(1))
         assert d.min() >= 0 and d.max() <= 9
-    cfg = LSTMConfig(seq_length=7)
+    cfg = build(LSTMConfig, seq_length=7)
     x, y = train_batch(cfg, rank=0, step=3)
     assert x.shape == (128, 6, 10) and torch.equal(x[:, 0].argmax(-1), y)
 
 
 def test_batches_are_pure_functions_of_seed_rank_step():
-    cfg = LSTMConfig()
+    cfg = build(LSTMConfig)
     a, b = train_batch(cfg, 0, 5), train_batch(cfg, 0, 5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(train_batch(cfg, 1, 5)[0], a[0])            # ranks differ
     assert not torch.equal(train_batch(cfg, 0, 6)[0], a[0])            # steps differ
-    assert not torch.equal(train_batch(replace(cfg, seed=1), 0, 5)[0], a[0])
-    v1, v2 = validation_set(cfg).tensors, validation_set(replace(cfg, seed=9)).tensors
+    assert not torch.equal(train_batch(override(cfg, seed=1), 0, 5)[0], a[0])
+    v1, v2 = validation_set(cfg).tensors, validation_set(override(cfg, seed=9)).tensors
     assert torch.equal(v1[0], v2[0]) and len(v1[0]) == 10_000          # fixed whatever the seed
 
 
 def test_scalar_encoding_is_one_dimensional():
-    x, y = train_batch(LSTMConfig(input_encoding="scalar", seq_length=6), 0, 0)
+    x, y = train_batch(build(LSTMConfig, input_encoding="scalar", seq_length=6), 0, 0)
     assert x.shape == (128, 5, 1) and torch.equal(x[:, 0, 0].long(), y)
 
 
@@ -91,8 +91,7 @@ def test_cli_run_writes_metrics_figures_checkpoints_and_offline_wandb(tmp_path):
     assert meta["step"] == 60 and meta["config"]["seq_length"] == 5
 
     # the reported validation numbers are those of the saved weights on the validation set, counted here
-    known = {f.name for f in fields(LSTMConfig)}
-    cfg = LSTMConfig(**{k: v for k, v in metrics["config"].items() if k in known})
+    cfg = from_saved(LSTMConfig, metrics["config"])
     model = build_model(cfg)
     model.load_state_dict(load_file(run / "checkpoints" / "step_00000060" / "model.safetensors"))
     x, y = validation_set(cfg).tensors
@@ -139,7 +138,7 @@ def test_cli_run_writes_metrics_figures_checkpoints_and_offline_wandb(tmp_path):
                for r in history for s in (0, 1) if scalars[2 * s] in r]
     plot_curves(redrawn, tmp_path / "curves.png")
     assert same_pixels(run / "figures" / "curves.png", tmp_path / "curves.png")
-    plot_gates(model, cfg, tmp_path / "gates.png")
+    plot_gates(model, *validation_set(cfg)[0:1], tmp_path / "gates.png")
     assert same_pixels(run / "figures" / "gates.png", tmp_path / "gates.png")
 
 
@@ -157,8 +156,7 @@ def test_cli_run_with_eager_backend_scalar_input_and_bf16(tmp_path):
         == ("eager", "scalar", "bf16")
     weights = load_file(run / "checkpoints" / "step_00000020" / "model.safetensors")
     assert weights["W_x"].shape == (1, 64) and weights["W_x"].dtype == torch.float32   # fp32 master weights
-    known = {f.name for f in fields(LSTMConfig)}
-    cfg = LSTMConfig(**{k: v for k, v in metrics["config"].items() if k in known})
+    cfg = from_saved(LSTMConfig, metrics["config"])
     model = build_model(cfg).eval()
     model.load_state_dict(weights)
     x, y = validation_set(cfg).tensors
@@ -301,7 +299,7 @@ def test_nan_loss_stops_with_a_usage_error_and_keeps_checkpoints(tmp_path):
 
 def test_help_shows_kebab_flags_with_defaults(capsys):
     with pytest.raises(SystemExit):
-        parse_config(LSTMConfig, ["--help"], "x")
+        parse(LSTMConfig, ["--help"], "x", "x")
     out = capsys.readouterr().out
     for flag in ("--seq-length", "--input-encoding", "--hidden-dim", "--clip-norm", "--eval-every",
                  "--checkpoint-every", "--no-wandb", "--mixed-precision", "--out-dir", "--run-name", "--resume"):

@@ -1,18 +1,26 @@
-"""One config dataclass per trainer -> one argparse CLI, shared by the CLI and Ray Tune.
+"""Configs and their command line: dataclasses -> flags through tyro, presets as config files.
 
-Each field of a config dataclass becomes a kebab-case flag whose help text comes from
-``field(metadata={"help": ..., "group": ...})``. Bad input raises ``UsageError``; the
-entry points turn it into one line on stderr and exit code 2, with no traceback.
+A trainer's config is a dataclass of groups (data, model, optim, eval, log, run), each a small
+dataclass whose fields carry their help text as the comment on the same line. tyro turns it into
+one flag per field with the group prefix left out (``--seq-length``, not ``--data.seq-length``),
+and ``--help`` shows one box per group. Flag names are unique across groups, so a config also has
+a flat view, ``{flag name: value}``: config files (``--config FILE``) and saved runs use it.
+
+Bad input raises ``UsageError``; ``run_cli`` turns it into one line on stderr and exit code 2,
+with no traceback.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import io
+import json
 import math
 import os
 import sys
+import typing
+from contextlib import redirect_stderr
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from data import DataError
 
@@ -28,85 +36,161 @@ class JobFailure(Exception):
     """The job could not go on (a rank died, a collective timed out): one line, exit code 1."""
 
 
-def arg(default: Any, help: str, group: str = "misc", choices: Sequence[Any] | None = None,
-        aliases: Sequence[str] = ()):
-    """A dataclass field that knows its CLI help text, group, choices and other flag spellings."""
-    meta = {"help": help, "group": group, "choices": choices, "aliases": tuple(aliases)}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: default, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+# --- the flat view: {flag name: value} across a config's groups -------------------------------
+
+def _groups(cfg_or_cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cfg_or_cls) if dataclasses.is_dataclass(_type_of(cfg_or_cls, f))]
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we print a single actionable line."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        sys.exit(2)
+def _type_of(cfg_or_cls, f: dataclasses.Field):
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    return typing.get_type_hints(cls)[f.name]
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flatten(cfg) -> dict[str, Any]:
+    """``{field name: value}`` of every leaf field (the groups' fields and the top-level ones)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        out.update(flatten(value) if dataclasses.is_dataclass(value) else {f.name: value})
+    return out
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def _where(cls) -> dict[str, tuple[str, ...]]:
+    """Flat field name -> its path of attribute names, e.g. ``lr -> ("optim", "lr")``."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update({k: (f.name, *v) for k, v in _where(hints[f.name]).items()})
+        else:
+            out[f.name] = (f.name,)
+    return out
 
 
-def flag_order(config_cls: type) -> list[dataclasses.Field]:
-    """The config's own fields, then those it inherits: the shared logging and run flags of a base
-    config close ``--help``, after the trainer's data, model, optimisation and evaluation flags."""
-    own = set(vars(config_cls).get("__annotations__", {}))
-    fields = dataclasses.fields(config_cls)
-    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+def override(cfg, **flat):
+    """A copy of ``cfg`` with the fields named by their flag names replaced; TypeError for a name
+    the config does not have (as a dataclass constructor would raise)."""
+    where = _where(type(cfg))
+    unknown = sorted(set(flat) - set(where))
+    if unknown:
+        raise TypeError(f"{type(cfg).__name__} has no fields {unknown}")
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        path = where[name]
+        if len(path) == 1:
+            nested[name] = value
+        else:
+            nested.setdefault(path[0], {})[name] = value
+    changes = {k: (override(getattr(cfg, k), **v) if isinstance(v, dict) and dataclasses.is_dataclass(getattr(cfg, k))
+                   else v) for k, v in nested.items()}
+    return dataclasses.replace(cfg, **changes)
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Add one flag per dataclass field, grouped by purpose as in nanochat."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in flag_order(config_cls):
-        meta = f.metadata
-        if "help" not in meta:
+def build(cls, **flat):
+    """``cls()`` with flat overrides: ``build(LSTMConfig, seq_length=20, seed=3)``."""
+    return override(cls(), **flat)
+
+
+def from_saved(cls, config: dict):
+    """``cls`` from a saved flat config (a checkpoint's or metrics.json's), ignoring names it lacks."""
+    known = _where(cls)
+    return build(cls, **{k: v for k, v in config.items() if k in known})
+
+
+def check_choices(cfg) -> None:
+    """Every ``Literal[...]`` field holds one of its values (also for configs built in code, e.g. by Ray)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value)
+        elif typing.get_origin(hints[f.name]) is Literal:
+            require_choice(value, typing.get_args(hints[f.name]), f.name)
+
+
+# --- config files ---------------------------------------------------------------------------
+
+def read_config_file(path: str | Path, cls) -> dict[str, Any]:
+    """The flat ``{flag name: value}`` of a YAML or JSON config file, checked against ``cls``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read it ({err.strerror or err}); pass a YAML or JSON file") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+            values = yaml.safe_load(text) or {}
+    except Exception as err:   # noqa: BLE001 - yaml and json raise their own error types
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"--config {path} is not valid YAML/JSON ({first}); fix the file") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(_where(cls)))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting {unknown[0]!r}; use the names of the flags in --help")
+    return values
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+def _one_line(tyro_stderr: str) -> str:
+    """The message inside tyro's error panel, as one line."""
+    lines = []
+    for raw in tyro_stderr.splitlines():
+        line = raw.strip().strip("│").strip()
+        if raw.strip().startswith(("╭", "╰")):
             continue
-        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = type(default) if default is not None else str
-        if kind is bool:
-            # --flag / --no-flag, so a default of True can still be switched off.
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=default, help=meta["help"])
-            continue
-        group.add_argument(_flag(f.name), *meta.get("aliases", ()), dest=f.name, type=kind, default=default,
-                           choices=meta["choices"], metavar=f.name.upper() if not meta["choices"] else None,
-                           help=meta["help"])
+        if line and set(line) <= {"─"}:   # the panel's separator: the message ends there
+            break
+        if line:
+            lines.append(line)
+    return " ".join(lines) or "bad command line"
 
 
-def make_parser(config_cls: type, description: str, prog: str | None = None) -> OneLineParser:
-    parser = OneLineParser(prog=prog, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser, config_cls)
-    return parser
+def parse(cls, argv: Sequence[str] | None, prog: str, description: str, default=None):
+    """``argv`` -> a validated ``cls``: the defaults (or ``default``), then ``--config FILE`` when
+    the config has a ``config`` field, then the flags given."""
+    import tyro
 
-
-def config_from_args(config_cls: type, ns: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in vars(ns).items() if k in names})
-
-
-def parse_config(config_cls: type, argv: Sequence[str] | None, description: str, prog: str | None = None):
-    """Parse argv into a validated config (``config.validate()`` raises UsageError)."""
-    ns = make_parser(config_cls, description, prog).parse_args(argv)
-    cfg = config_from_args(config_cls, ns)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = default if default is not None else cls()
+    config_file = flag_value("--config", argv) if "config" in _where(cls) else None
+    if config_file:
+        default = override(default, **read_config_file(config_file, cls), config=config_file)
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            cfg = tyro.cli(cls, args=argv, prog=prog, description=description, default=default,
+                           config=(tyro.conf.OmitArgPrefixes,))
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        raise UsageError(f"{_one_line(err.getvalue())} (see --help)") from None
     cfg.validate()
     return cfg
 
 
-# --- validation helpers: each raises UsageError naming the flag -------------------------
+def flag_value(flag: str, argv: Sequence[str]) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag v`` or ``--flag=v``), the last one given."""
+    found = None
+    for k, a in enumerate(argv):
+        if a == flag and k + 1 < len(argv):
+            found = argv[k + 1]
+        elif a.startswith(flag + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+# --- validation helpers: each raises UsageError naming the flag -------------------------------
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
 
 def require_positive(value: float, name: str) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -160,12 +244,39 @@ def require_writable_file(path, name: str) -> None:
     _nearest_folder(path, flag)
 
 
-def validate_field_choices(cfg) -> None:
-    """Check every field declared with ``choices`` (also for configs built in code, e.g. by Ray)."""
-    for f in dataclasses.fields(cfg):
-        choices = f.metadata.get("choices")
-        if choices:
-            require_choice(getattr(cfg, f.name), choices, f.name)
+# --- the groups every trainer shares ---------------------------------------------------------
+
+DIST_TIMEOUT_S = 300   # long enough for rank 0's work alone (figures, wandb, checkpoints); a dead rank costs minutes
+
+
+@dataclasses.dataclass
+class Log:
+    """logging"""
+    wandb: bool = True  # log to wandb (offline without an API key); --no-wandb for none
+    wandb_project: str = "palgan"  # wandb project
+    wandb_group: str = ""  # wandb group (the sweep sets it to the sweep's name)
+    wandb_job_type: str = "train"  # wandb job type, to group runs (the sweep sets sweep-trial)
+
+
+@dataclasses.dataclass
+class Run:
+    """run"""
+    out_dir: str = "runs"  # root folder of runs
+    run_name: str = ""  # run folder name (default: made from the main settings, e.g. lstm-T5-h128-s0)
+    seed: int = 0  # seed of the initial weights and of every random stream (data, noise)
+    resume: bool = False  # continue from the run's latest checkpoint
+    checkpoint_every: int = 1000  # steps between checkpoints (the GAN also saves at each epoch end)
+    keep_checkpoints: int = 3  # checkpoints kept (the oldest are deleted)
+    progress: bool = True  # show a tqdm bar on the main process
+    dist_timeout: int = DIST_TIMEOUT_S  # seconds a process waits in one collective before the job ends with an error
+
+    def validate(self) -> None:
+        for name in ("checkpoint_every", "keep_checkpoints", "dist_timeout"):
+            require_at_least(getattr(self, name), 1, name)
+
+    def folder(self, default_name: str) -> Path:
+        """``<out-dir>/<run-name>``, absolute; ``default_name`` when --run-name is empty."""
+        return Path(self.out_dir).resolve() / (self.run_name or default_name)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,6 @@
 """Figure helpers shared by the trainers: headless matplotlib and atomic PNG writes."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -9,16 +8,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trainers.files import atomic_path  # noqa: E402
+
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:
     """Save ``fig`` to ``path`` atomically (temporary file, then rename) and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def smooth(values, window: int):
