@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models.lstm as lstm_module
 from models import lstm_kernels
-from models.lstm import LSTM, WORKSPACE
+from models.lstm import LSTM
+from models.lstm_fused import WORKSPACE
 
 INPUT_DIM = 10      # one-hot digits, as in the trainer
 NUM_CLASSES = 10
@@ -96,23 +96,6 @@ class TorchLSTM(nn.Module):
         return self.head(out[:, -1])
 
 
-class WithoutKernels(nn.Module):
-    """Runs the fused layer with its C++ step kernels switched off (the backward follows the
-    forward's choice, so switching around the forward is enough)."""
-
-    def __init__(self, model: LSTM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        saved = lstm_module.CPU_KERNELS
-        lstm_module.CPU_KERNELS = False
-        try:
-            return self.model(x)
-        finally:
-            lstm_module.CPU_KERNELS = saved
-
-
 def build(variant: str, reference: LSTM, device: torch.device) -> nn.Module:
     w = reference.gate_weights()
     D, H = reference.input_dim, reference.hidden_dim
@@ -121,12 +104,11 @@ def build(variant: str, reference: LSTM, device: torch.device) -> nn.Module:
     elif variant == "nn.LSTM":
         model = TorchLSTM(w, D, H)
     else:
-        model = LSTM(D, H, NUM_CLASSES, backend="script" if variant.startswith("script") else "eager")
+        model = LSTM(D, H, NUM_CLASSES, backend="script" if variant.startswith("script") else "eager",
+                     kernels="script" if variant == "script-ts" else "auto")
         model.load_gate_weights(w)
         if variant == "compile":
             model = torch.compile(model)
-        elif variant == "script-ts":
-            model = WithoutKernels(model)
     return model.to(device)
 
 

@@ -7,7 +7,7 @@
    micro-kernel, threads on columns of dW) against MKL's ``dW.addmm_(xh.t(), dz)``, at the
    backward's shape for (B, H, T) = (128, 128, 20): 4 steps of 128 rows, D+H = 138, 4H = 512.
 2. The whole training step of the trainer (forward, cross-entropy, backward, clipping at 10,
-   RMSprop) with the op and with addmm (``models.lstm.WEIGHT_GRAD_KERNEL``), interleaved with
+   RMSprop) with the op and with addmm (``LSTM(..., weight_grad_kernel=False)``), interleaved with
    ``nn.LSTM`` + ``nn.Linear`` on the same weights, round after round; medians.
 
 Times are the process's CPU time on one thread and wall time on two (as in lstm_speed.py).
@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 import torch.nn.functional as F
 
-import models.lstm as lstm_module
 from models import lstm_kernels
 from models.lstm import LSTM
 
@@ -74,16 +73,18 @@ def training_steps(threads: int, rounds: int) -> dict[str, float]:
     torch.manual_seed(0)
     x = F.one_hot(torch.randint(0, D, (B, T)), D).float()
     y = torch.randint(0, 10, (B,))
-    model = LSTM(D, H, 10)
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    with_op = LSTM(D, H, 10, kernels="cpp")
+    with_addmm = LSTM(D, H, 10, kernels="cpp", weight_grad_kernel=False)
+    with_addmm.load_state_dict(with_op.state_dict())
     lstm = torch.nn.LSTM(D, H, batch_first=True)
     head = torch.nn.Linear(H, 10)
     ref_params = list(lstm.parameters()) + list(head.parameters())
     opt_ref = torch.optim.RMSprop(ref_params, lr=1e-3)
 
-    def step_script(use_op: bool):
+    def step_script(model: LSTM):
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+
         def step():
-            lstm_module.WEIGHT_GRAD_KERNEL = use_op
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -98,20 +99,16 @@ def training_steps(threads: int, rounds: int) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(ref_params, CLIP_NORM)
         opt_ref.step()
 
-    variants = {"script, weight-grad op": step_script(True), "script, addmm": step_script(False),
+    variants = {"script, weight-grad op": step_script(with_op), "script, addmm": step_script(with_addmm),
                 "nn.LSTM": step_ref}
     clock = clock_for(threads)
     times = {k: [] for k in variants}
-    saved = lstm_module.WEIGHT_GRAD_KERNEL
-    try:
-        for fn in variants.values():
-            per_call(fn, clock, 5)
-        for r in range(rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for k in order:
-                times[k].append(per_call(variants[k], clock, 10))
-    finally:
-        lstm_module.WEIGHT_GRAD_KERNEL = saved
+    for fn in variants.values():
+        per_call(fn, clock, 5)
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for k in order:
+            times[k].append(per_call(variants[k], clock, 10))
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 

@@ -3,7 +3,7 @@
 ``available()`` compiles the C++ source once per machine with torch's JIT extension builder
 (about 10 s; cached in ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and
 registers ``torch.ops.palgan.lstm_step_forward`` / ``lstm_step_backward``, which the TorchScript
-loops of ``models/lstm.py`` call once per step. Without a C++ compiler or ninja (or with
+loops of ``models/lstm_fused.py`` call once per step. Without a C++ compiler or ninja (or with
 ``PALGAN_LSTM_KERNELS=0``) it returns False, warning once unless switched off, and the fused
 layer keeps its pointwise blocks in TorchScript ops: same results, slower.
 """

@@ -11,7 +11,8 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from models.lstm import BACKENDS, script
+from models.lstm import BACKENDS
+from models.lstm_fused import compute_dtype, script
 
 
 def rnn_loop(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
@@ -48,9 +49,16 @@ class RNN(nn.Module):
         self.b_p = nn.Parameter(torch.zeros(output_dim))
 
     def forward(self, x: Tensor, return_states: bool = False):
-        xw = x @ self.W_hx + self.b_h                    # (B, L, H)
-        loop = rnn_loop_script if self.backend == "script" else rnn_loop
-        h, states = loop(xw, self.W_hh, return_states)   # (B, H)
+        if self.backend == "script":
+            # Autocast off, explicit casts, as in the fused LSTM (see ``compute_dtype``).
+            dtype = compute_dtype(x, self.W_hh)
+            with torch.autocast(x.device.type, enabled=False):
+                W_hx, W_hh, b_h = self.W_hx.to(dtype), self.W_hh.to(dtype), self.b_h.to(dtype)
+                xw = x.to(dtype) @ W_hx + b_h                        # (B, L, H)
+                h, states = rnn_loop_script(xw, W_hh, return_states)  # (B, H)
+        else:
+            xw = x @ self.W_hx + self.b_h                    # (B, L, H)
+            h, states = rnn_loop(xw, self.W_hh, return_states)
         p = h @ self.W_ph + self.b_p                     # (B, K)
         if return_states:
             return p, {"h": states[0]}

@@ -1,5 +1,6 @@
 """Mixed precision: every LSTM backend runs and trains under Accelerate's bf16 autocast on CPU,
 with gradients that agree with float32 to bf16 accuracy; fp16 autocast runs too (the GPU path).
+The RNN baseline runs forward and backward under autocast, bf16 and fp16 in one process.
 
 PALGAN_TEST_DEVICE=cuda runs the fp16 and bf16 checks on a GPU (benchmarks/gpu_check.sh does).
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from models.lstm import BACKENDS, LSTM
+from models.rnn import RNN
 from trainers.lstm import encode, palindromes
 from trainers.runtime import make_accelerator
 
@@ -99,3 +101,29 @@ def test_script_and_eager_agree_under_bf16():
         exact = script(x)
     assert relative_error(a, exact) < 0.03 and relative_error(b, exact) < 0.03
     assert relative_error(a, b) < 0.03
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rnn_under_autocast_agrees_with_float32_eager(backend):
+    """Forward and backward under bf16 autocast, then fp16, then bf16 again in one process (the
+    scripted loop must not keep one autocast dtype's graph): logits and gradients within bf16/fp16
+    accuracy of the fp32 eager loop, gradients in the parameters' dtype."""
+    if DEVICE.type == "cuda" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    torch.manual_seed(6)
+    model = RNN(10, 32, 10, backend=backend).to(DEVICE)
+    reference = RNN(10, 32, 10, backend="eager").to(DEVICE)
+    reference.load_gate_weights(model.gate_weights())
+    x, y = batch(seed=7, length=9)
+    exact = reference(x)
+    expected = gradients(reference, x, y)
+    for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            logits = model(x)
+        low = gradients(model, x, y, autocast_dtype=dtype)
+        tol = 0.03 if dtype == torch.bfloat16 else 0.005   # 8 and 11 significant bits, as above
+        assert relative_error(logits, exact) < tol, f"{dtype} logits"
+        for name, g in expected.items():
+            assert low[name].dtype == dict(model.named_parameters())[name].dtype == torch.float32, name
+            err = relative_error(low[name], g)
+            assert err < tol, f"{dtype} {name}: relative error {err:.4f} >= {tol}"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-import models.lstm as lstm_module
+import models.lstm_fused as lstm_fused
 from models import lstm_kernels
 from models.lstm import BACKENDS, GATES, LSTM
 from models.rnn import RNN
@@ -37,16 +37,13 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LSTM_PATHS = ("script", "script-ts", "eager")
 
 
-def backend_of(path: str) -> str:
-    return "script" if path == "script-ts" else path
+def path_args(path: str) -> dict:
+    """LSTM arguments of a path: "script-ts" is the fused layer with ``kernels="script"``."""
+    if path == "script-ts":
+        return {"backend": "script", "kernels": "script"}
+    return {"backend": path}
 
 
-@pytest.fixture(autouse=True)
-def lstm_path(request, monkeypatch):
-    """Cases parametrised with backend="script-ts" run the fused layer without its C++ kernels."""
-    callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("backend") == "script-ts":
-        monkeypatch.setattr(lstm_module, "CPU_KERNELS", False)
 LENGTHS = (1, 2, 7, 23, 50)
 TORCH_ORDER = ("i", "f", "g", "o")   # nn.LSTM stacks its gates as i, f, g, o
 
@@ -110,7 +107,7 @@ def torch_lstm_from(weights: dict, D: int, H: int, K: int, dtype) -> tuple[nn.LS
 def test_lstm_logits_and_every_gradient_match_nn_lstm(backend, L, dtype):
     B, D, H, K = random_sizes(L)
     torch.manual_seed(L)
-    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, dtype)
+    model = LSTM(D, H, K, **path_args(backend)).to(DEVICE, dtype)
     randomise(model, seed=L)
     lstm, head = torch_lstm_from(model.gate_weights(), D, H, K, dtype)
     x = torch.randn(B, L, D, dtype=dtype, device=DEVICE)
@@ -161,7 +158,7 @@ def lstm_by_the_equations(w: dict, x: torch.Tensor):
 def test_lstm_return_states_follow_equations_1_to_6(backend, L):
     B, D, H, K = random_sizes(100 + L)
     torch.manual_seed(L)
-    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, **path_args(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=100 + L)
     x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE)
     p, states = model(x, return_states=True)
@@ -176,7 +173,7 @@ def test_lstm_return_states_follow_equations_1_to_6(backend, L):
 @pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_gradcheck_float64(backend):
     B, L, D, H, K = 3, 5, 4, 3, 2
-    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, **path_args(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=7)
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
@@ -192,7 +189,7 @@ def test_lstm_gradcheck_float64(backend):
 def test_lstm_gradient_flows_through_returned_h_states(backend):
     """A loss on every step's h (not only the last) back-propagates like the reference."""
     B, L, D, H, K = 2, 6, 3, 4, 2
-    model = LSTM(D, H, K, backend=backend_of(backend)).to(DEVICE, torch.float64)
+    model = LSTM(D, H, K, **path_args(backend)).to(DEVICE, torch.float64)
     randomise(model, seed=11)
     x = torch.randn(B, L, D, dtype=torch.float64, device=DEVICE, requires_grad=True)
     w = torch.randn(B, L, H, dtype=torch.float64, device=DEVICE)
@@ -209,8 +206,8 @@ def test_lstm_gradient_flows_through_returned_h_states(backend):
 @pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_gate_weights_round_trip(backend):
     torch.manual_seed(3)
-    a = LSTM(5, 6, 4, backend=backend_of(backend)).to(DEVICE)
-    b = LSTM(5, 6, 4, backend=backend_of(backend)).to(DEVICE)
+    a = LSTM(5, 6, 4, **path_args(backend)).to(DEVICE)
+    b = LSTM(5, 6, 4, **path_args(backend)).to(DEVICE)
     randomise(a, seed=3)
     w = a.gate_weights()
     assert set(w) == {f"{p}_{k}{s}" for k in GATES for p, s in (("W", "x"), ("W", "h"), ("b", ""))} | {"W_ph", "b_p"}
@@ -232,10 +229,21 @@ needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which
 def test_cpu_kernels_build_and_are_used():
     assert lstm_kernels.available(), "the C++ step kernels did not build on a machine with a compiler"
     x = torch.randn(2, 3, 4)
-    assert lstm_module.uses_cpu_kernels(x.transpose(0, 1))
-    assert not lstm_module.uses_cpu_kernels(x.to(torch.bfloat16))   # bf16 takes the TorchScript path
+    assert lstm_fused.cpu_step_functions(x) is not None
+    assert lstm_fused.cpu_step_functions(x, "cpp") is not None
+    assert lstm_fused.cpu_step_functions(x, "script") is None
+    assert lstm_fused.cpu_step_functions(x.to(torch.bfloat16)) is None   # bf16 takes the TorchScript path
+    with pytest.raises(RuntimeError, match="kernels='cpp'.*float32/float64 on CPU"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            LSTM(4, 3, 2, kernels="cpp")(x)
 
 
+def test_unknown_kernels_are_refused():
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        LSTM(2, 3, 4, kernels="cuda")
+
+
+@needs_compiler
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels are CPU kernels")
 @pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("one_hot", (False, True), ids=("dense", "one-hot"))
@@ -247,34 +255,33 @@ def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads, one_hot
     row, skipping zeros, as with one-hot input; D = 40: inside the matmul) are all exercised, and
     (B = H = 128, L = 10) the backward's ring of 4 steps, so the weight gradient comes in three
     runs of steps, the first of them short (2 steps); float32 against nn.LSTM and against the
-    TorchScript-only path."""
+    TorchScript-only path, with the weight gradients through the op and through addmm."""
     torch.set_num_threads(threads)
     torch.manual_seed(B + H)
-    model = LSTM(D, H, 5)
+    model = LSTM(D, H, 5, kernels="cpp")
     randomise(model, seed=B + H)
     with torch.no_grad():
         model.W_x.mul_(2.0)                      # pre-activations well beyond the sigmoid's linear range
+    model_ts = LSTM(D, H, 5, kernels="script")
+    model_addmm = LSTM(D, H, 5, kernels="cpp", weight_grad_kernel=False)
+    for other in (model_ts, model_addmm):
+        other.load_state_dict(model.state_dict())
     lstm, head = torch_lstm_from(model.gate_weights(), D, H, 5, torch.float32)
     x = torch.randn(B, L, D)
     if one_hot:
         x = nn.functional.one_hot(x.argmax(-1), D).float()
     dp = torch.randn(B, 5)
 
-    def run(fused: bool):
-        model.zero_grad(set_to_none=True)
-        old = lstm_module.CPU_KERNELS
-        lstm_module.CPU_KERNELS = fused
-        try:
-            p = model(x)
-            (p * dp).sum().backward()
-            with torch.no_grad():
-                p_infer = model(x)             # the inference path (ring buffers)
-        finally:
-            lstm_module.CPU_KERNELS = old
+    def run(model: LSTM):
+        p = model(x)
+        (p * dp).sum().backward()
+        with torch.no_grad():
+            p_infer = model(x)                 # the inference path (ring buffers)
         return p.detach(), p_infer, {n: q.grad.clone() for n, q in model.named_parameters()}
 
-    p, p_infer, grads = run(True)
-    p_ts, _, grads_ts = run(False)
+    p, p_infer, grads = run(model)
+    p_ts, _, grads_ts = run(model_ts)
+    _, _, grads_addmm = run(model_addmm)
     out, _ = lstm(x)
     p_ref = head(out[:, -1])
     (p_ref * dp).sum().backward()
@@ -293,13 +300,15 @@ def test_lstm_kernels_at_vector_sizes_match_nn_lstm(B, D, H, L, threads, one_hot
     for name in grads:
         assert_close(grads[name], grads_ts[name], 2e-5 * max(1.0, grads_ts[name].abs().max().item()),
                      f"d{name} vs the TorchScript-only path")
+        assert_close(grads_addmm[name], grads_ts[name], 2e-5 * max(1.0, grads_ts[name].abs().max().item()),
+                     f"d{name} with addmm vs the TorchScript-only path")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the C++ kernels are CPU kernels")
 @pytest.mark.parametrize("backend", LSTM_PATHS)
 def test_lstm_nan_reaches_the_logits(backend):
     """A NaN weight must show in the output (the trainer stops on a NaN loss), not be clamped away."""
-    model = LSTM(4, 16, 3, backend=backend_of(backend))
+    model = LSTM(4, 16, 3, **path_args(backend))
     with torch.no_grad():
         model.W_h[3, 5] = float("nan")
     p = model(torch.randn(2, 6, 4))
@@ -329,16 +338,14 @@ def test_weight_grad_op_matches_matmul(N, M, G, add, dtype, threads):
 
 
 @needs_compiler
-def test_weight_grad_benchmark_runs_and_restores_the_switch(capsys):
-    """benchmarks/lstm_weight_grad.py, one round: both measurements print, with positive figures,
-    and the module switch it flips is back where it was."""
+def test_weight_grad_benchmark_runs(capsys):
+    """benchmarks/lstm_weight_grad.py, one round: both measurements print, with positive figures."""
     from benchmarks import lstm_weight_grad
     lstm_weight_grad.main(["--threads", "1", "--rounds", "1"])
     out = capsys.readouterr().out
     gflops = [float(line.split()[-2]) for line in out.splitlines() if line.endswith("GFLOP/s")]
     ms = [float(line.split(" ms ")[0].split()[-1]) for line in out.splitlines() if "x nn.LSTM)" in line]
     assert len(gflops) == 2 and len(ms) == 3 and min(gflops + ms) > 0, out
-    assert lstm_module.WEIGHT_GRAD_KERNEL is True
 
 
 @needs_compiler
@@ -377,7 +384,7 @@ def test_lstm_without_the_kernels_warns_once_and_matches(monkeypatch):
         raise RuntimeError("Error building extension 'palgan_lstm_cell': c++: not found")
     monkeypatch.setattr(lstm_kernels, "_loaded", None)
     monkeypatch.setattr(lstm_kernels, "build_and_load", no_compiler)
-    monkeypatch.setattr(lstm_module, "_cpu_step_functions", [])
+    monkeypatch.setattr(lstm_fused, "_cpu_step_functions", [])
     model = LSTM(3, 5, 2)
     x = torch.randn(4, 6, 3)
     with pytest.warns(RuntimeWarning, match="could not be built.*PALGAN_LSTM_KERNELS=0"):

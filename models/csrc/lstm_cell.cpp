@@ -1,6 +1,6 @@
 // One LSTM step, forward and backward, as two CPU ops: the step's matmul and its pointwise block.
 //
-// The fused LSTM layer (models/lstm.py) runs its time loops in TorchScript and calls one of these
+// The fused LSTM layer (models/lstm_fused.py) runs its time loops in TorchScript and calls one of these
 // ops per step. Written as TorchScript ops, the pointwise block is 8-17 ops per step, each a pass
 // over memory and an interpreter dispatch; here it is one pass, run by each thread on its own batch
 // rows right after its share of the matmul. Registered as torch.ops.palgan.* so that TorchScript can
