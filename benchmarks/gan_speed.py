@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from dataclasses import replace
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
+from trainers.cli import override
 from trainers.gan import (GANConfig, build_models, epoch_batches, iterations_per_epoch,
                           load_train_images, make_config, step_noise, train)
 
@@ -37,14 +32,14 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
     Returns ``(G, D, seconds)`` where seconds covers the ``steps`` iterations only.
     """
     G, D = build_models(cfg)
-    if cfg.channels_last:
+    if cfg.optim.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    iters = iterations_per_epoch(len(images), cfg.batch_size, 1)
-    ones, zeros = torch.ones(cfg.batch_size), torch.zeros(cfg.batch_size)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.optim.mixed_precision == "bf16")
+    iters = iterations_per_epoch(len(images), cfg.optim.batch_size, 1)
+    ones, zeros = torch.ones(cfg.optim.batch_size), torch.zeros(cfg.optim.batch_size)
     batches, batches_epoch = None, -1
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -52,7 +47,7 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
         if batches_epoch != epoch:
             batches, batches_epoch = epoch_batches(cfg, len(images), 0, 1, epoch), epoch
         real = images[batches[it]]
-        if cfg.channels_last:
+        if cfg.optim.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = step_noise(cfg, 0, 1, step)
         with autocast:                                   # D: maximise log D(x) + log(1 - D(G(z)))
@@ -74,23 +69,23 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
 
 
 def trainer_images_per_s(cfg: GANConfig, out_dir: str, name: str) -> float:
-    metrics = train(replace(cfg, out_dir=out_dir, run_name=name))
+    metrics = train(override(cfg, out_dir=out_dir, run_name=name))
     return metrics["train_images_per_s"]
 
 
 def variants(base: GANConfig, which: str) -> dict[str, tuple[GANConfig, str]]:
     """name -> (config, loop): loop is "trainer", "plain" or "plain+compile"."""
     out = {"plain": (base, "plain"), "trainer": (base, "trainer"),
-           "trainer + EMA": (replace(base, ema_decay=0.999), "trainer")}
+           "trainer + EMA": (override(base, ema_decay=0.999), "trainer")}
     if which == "all":
-        cl = replace(base, channels_last=True)
+        cl = override(base, channels_last=True)
         out["trainer channels_last"] = (cl, "trainer")
         out["plain torch.compile"] = (base, "plain+compile")
         for bs in (64, 128):
-            out[f"trainer batch {bs}"] = (replace(base, batch_size=bs), "trainer")
-        other = "no" if base.mixed_precision == "bf16" else "bf16"
-        out[f"trainer {other}"] = (replace(base, mixed_precision=other), "trainer")
-        out[f"plain {other}"] = (replace(base, mixed_precision=other), "plain")
+            out[f"trainer batch {bs}"] = (override(base, batch_size=bs), "trainer")
+        other = "no" if base.optim.mixed_precision == "bf16" else "bf16"
+        out[f"trainer {other}"] = (override(base, mixed_precision=other), "trainer")
+        out[f"plain {other}"] = (override(base, mixed_precision=other), "plain")
     return out
 
 
@@ -120,12 +115,12 @@ def main(argv=None) -> dict:
         for r in range(args.rounds):
             for name, (cfg, loop) in table.items():
                 if loop == "trainer":
-                    speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.replace(' ', '_')}")
+                    speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.override(' ', '_')}")
                 else:
                     if loop == "plain+compile":   # compile outside the timed window
                         plain_train(cfg, images, 3, compile_models=True)
                     _, _, secs = plain_train(cfg, images, args.steps, compile_models=loop == "plain+compile")
-                    speed = args.steps * cfg.batch_size / secs
+                    speed = args.steps * cfg.optim.batch_size / secs
                 speeds[name].append(speed)
             for name in table:
                 ratios[name].append(speeds[name][-1] / speeds["plain"][-1])

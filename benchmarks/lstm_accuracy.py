@@ -19,11 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 
+from trainers.cli import build
 from trainers.lstm import LSTMConfig, train
 
 DEFAULT_ROWS = "lstm:5,lstm:20,lstm-fb0:20,rnn:5,rnn:20,lstm/scalar:20,rnn/scalar:5,rnn/scalar:20"
@@ -34,7 +32,7 @@ def config_for(row: str, out_dir: str, steps: int) -> LSTMConfig:
     spec, length = row.split(":")
     model, _, encoding = spec.partition("/")
     model, _, bias = model.partition("-fb")
-    return LSTMConfig(model=model, seq_length=int(length), forget_bias=float(bias) if bias else 1.0,
+    return build(LSTMConfig, model=model, seq_length=int(length), forget_bias=float(bias) if bias else 1.0,
                       input_encoding=encoding or "onehot", steps=steps, eval_every=100,
                       out_dir=out_dir, run_name=run_name(row), wandb=False, progress=False)
 

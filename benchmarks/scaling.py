@@ -59,7 +59,7 @@ def run_once(trainer: str, procs: int, out: Path, tag: str, steps: int = 0, extr
     """One launch; its figures: samples/s, evaluation seconds, whole wall seconds, BN all-reduce share."""
     script, args, per_step = TRAINERS[trainer]
     config = ROOT / "launch" / ("cpu_1proc.yaml" if procs == 1 else "cpu_2proc.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PALGAN_DEBUG": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--main_process_port", str(free_port()), script, *with_steps(trainer, args, steps), *extra,
            "--no-progress", "--out-dir", str(out), "--run-name", tag]
@@ -69,13 +69,14 @@ def run_once(trainer: str, procs: int, out: Path, tag: str, steps: int = 0, extr
     if proc.returncode != 0:
         sys.exit(f"{trainer} on {procs} process(es) failed:\n{proc.stderr[-3000:]}")
     m = json.loads((out / tag / "metrics.json").read_text())
+    ranks = json.loads((out / tag / "debug.json").read_text())   # per-rank facts (PALGAN_DEBUG=1)
     if "train_images_per_s" in m:   # the GAN times its loop without stages and checkpoints
         rate = m["train_images_per_s"]
     else:
         rate = m["steps"] * per_step * m["processes"] / m["wall_time_s"]
     return {"samples_per_s": rate, "eval_s": m.get("eval_time_s", 0.0), "wall_s": wall,
-            "bn_allreduce_share": m.get("bn_allreduce_share", 0.0),
-            "eval_images_per_rank": m.get("eval_images_per_rank")}
+            "bn_allreduce_share": ranks["bn_allreduce_ms"][0] / max(ranks["train_ms"][0], 1) if "train_ms" in ranks else 0.0,
+            "eval_images_per_rank": ranks.get("images_scored")}
 
 
 def paper_numbers(base_channels: int = 128, batch: int = 128, latent: int = 100) -> dict:
@@ -84,7 +85,6 @@ def paper_numbers(base_channels: int = 128, batch: int = 128, latent: int = 100)
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    sys.path.insert(0, str(ROOT))
     from models.dcgan import Discriminator, Generator
 
     with torch.device("meta"):

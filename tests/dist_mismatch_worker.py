@@ -2,10 +2,8 @@
 tests/test_scale.py under torchrun with TORCH_DISTRIBUTED_DEBUG=DETAIL: the check must catch it and
 the trainers' error handling must turn it into one line."""
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

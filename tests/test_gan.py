@@ -18,10 +18,11 @@ from benchmarks.gan_speed import plain_train
 from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when
 from data import DataError
 from models.dcgan import Discriminator, Generator
-from trainers.cli import UsageError, run_cli
-from trainers.gan import (BN_CALIBRATION, GANConfig, calibrate_batchnorm, epoch_batches, fixed_noise, generate,
-                          load_generator, load_train_images, main, make_config, parse_train_args, plot_losses,
-                          plot_stages, save_grid, train)
+from trainers.cli import UsageError, build, run_cli
+from trainers.gan import (GANConfig, epoch_batches, fixed_noise, load_generator, load_train_images, main,
+                          make_config, parse_train_args, train)
+from trainers.gan_plots import plot_losses, plot_stages
+from trainers.gan_sampling import BN_CALIBRATION, calibrate_batchnorm, generate, save_grid
 from trainers.tracking import read_offline_run
 
 # a few seconds per run: b=4, 512 images, batches of 32 -> 16 iterations per epoch
@@ -109,14 +110,14 @@ def test_global_batchnorm_over_two_processes_equals_batchnorm_on_the_whole_batch
 # --- the data ------------------------------------------------------------------------------------
 
 def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
-    cfg = GANConfig(batch_size=10, seed=3)
+    cfg = build(GANConfig, batch_size=10, seed=3)
     a0, a1 = epoch_batches(cfg, 100, 0, 2, 1), epoch_batches(cfg, 100, 1, 2, 1)
     assert a0.shape == a1.shape == (5, 10)
     assert set(a0.flatten().tolist()).isdisjoint(a1.flatten().tolist())
     assert sorted(a0.flatten().tolist() + a1.flatten().tolist()) == list(range(100))
     assert torch.equal(a0, epoch_batches(cfg, 100, 0, 2, 1))
     assert not torch.equal(a0, epoch_batches(cfg, 100, 0, 2, 2))          # a new order each epoch
-    images = load_train_images(GANConfig(train_subset=100))
+    images = load_train_images(build(GANConfig, train_subset=100))
     assert images.shape == (100, 1, 28, 28) and images.min() == -1 and images.max() == 1
 
 
@@ -157,7 +158,7 @@ def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):
     # the final grid is the last EMA generator (BatchNorm re-estimated) on the fixed noise
     cfg = make_config(**{**TINY, "epochs": 3, "stages": "0,1,2,3", "lr": 1e-3, "out_dir": str(tmp_path)})
     generator, _ = load_generator(run / "checkpoints" / "step_00000048")
-    generator = calibrate_batchnorm(generator, cfg.seed, *BN_CALIBRATION)
+    generator = calibrate_batchnorm(generator, cfg.run.seed, *BN_CALIBRATION)
     with torch.no_grad():
         save_grid(generator(fixed_noise(cfg)), tmp_path / "final.png")
     assert same_pixels(run / "samples" / "final.png", tmp_path / "final.png")
@@ -186,7 +187,7 @@ def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):
     images = torch.load(out)
     assert images.shape == (10, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
     generator, cfg = load_generator(run / "checkpoints")
-    assert torch.equal(images, generate(generator, 10, seed=0)) and cfg.base_channels == 4
+    assert torch.equal(images, generate(generator, 10, seed=0)) and cfg.model.base_channels == 4
     run_cli(main, ["sample", "--checkpoint", str(run / "checkpoints" / "step_00000040"), "--n", "5",
                    "--out", str(tmp_path / "s.png")])
     assert mpimg.imread(tmp_path / "s.png").shape[:2] == (2 * 30 + 2, 3 * 30 + 2)   # 5 images: 2 rows of 3
@@ -243,7 +244,7 @@ def test_presets_and_explicit_flags(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = parse_train_args(["--epochs", "2"])
     assert "preset auto -> cpu-demo" in capsys.readouterr().out
-    assert cfg.preset == "cpu-demo" and cfg.epochs == 2 and cfg.base_channels == 16   # flag wins, rest preset
+    assert cfg.preset == "cpu-demo" and cfg.optim.epochs == 2 and cfg.model.base_channels == 16   # flag wins, rest preset
     paper = parse_train_args(["--preset", "paper"])
     assert (paper.base_channels, paper.epochs, paper.batch_size, paper.lr, paper.beta1, paper.latent_dim) == \
         (128, 50, 128, 2e-4, 0.5, 100)

@@ -37,7 +37,7 @@ from trainers.cli import (Log, Run, UsageError, build, check_choices, flag_value
 from trainers.files import write_json_atomic
 from trainers.gan_metrics import FULL_SAMPLES, STAGE_SAMPLES, images_scored, stage_metrics
 from trainers.gan_plots import plot_losses, plot_stages
-from trainers.gan_sampling import (BN_CALIBRATION, calibrate_batchnorm, generate, load_generator_state, noise,
+from trainers.gan_sampling import (BN_CALIBRATION, calibrate_batchnorm, load_generator_state, noise,
                                    save_grid)
 from trainers.runtime import (Shards, StopFlag, check_run_dir_is_free, collective_failures, generator_for,
                               launched_processes, make_accelerator)
@@ -448,7 +448,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     debug.record(accelerator, run_dir, images_scored=images_scored(),   # collectives: every rank
                  weights=debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values()),
                  first_batch=debug.fingerprint(epoch_batches(cfg, len(images), rank, world, 1)[0]),
-                 bn_allreduce_calls=ALL_REDUCE_STATS["calls"])
+                 bn_allreduce_calls=ALL_REDUCE_STATS["calls"], bn_allreduce_ms=int(1000 * ALL_REDUCE_STATS["seconds"]),
+                 train_ms=int(1000 * train_time))
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
     tracker.summary({k: metrics[k] for k in SUMMARY_KEYS})   # end-of-run numbers (final/* come from the evaluation)
