@@ -34,7 +34,7 @@ two_nodes() {   # <name> <trainer args...>: both machine ranks at once; wall tim
   port=$(free_port)
   t0=$(now)
   for rank in 0 1; do
-    accelerate launch --config_file launch/multinode.yaml --num_machines 2 --num_processes 2 \
+    accelerate launch --config_file launch/multinode.yaml --mixed_precision bf16 --num_machines 2 --num_processes 2 \
       --machine_rank $rank --main_process_ip 127.0.0.1 --main_process_port "$port" --rdzv_conf timeout=300 \
       "$@" --no-progress --out-dir "$OUT/runs" --run-name "$name" > "$OUT/$name-node$rank.log" 2>&1 &
     pids+=($!)

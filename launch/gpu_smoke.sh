@@ -22,7 +22,7 @@ python -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_d
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 echo "== GAN, paper preset (b=128, batch 128), 1 epoch, bf16 =="
-timeout 420 accelerate launch --config_file launch/gpu_1_bf16.yaml trainers/gan.py --preset paper --epochs 1 \
+timeout 420 accelerate launch --config_file launch/gpu_1.yaml --mixed_precision bf16 trainers/gan.py --preset paper --epochs 1 \
   --stages 0,1 --no-wandb --no-progress --out-dir "$OUT" --run-name gan-paper-bf16
 python - "$OUT/gan-paper-bf16/metrics.json" <<'PY'
 import json, sys

@@ -1,7 +1,10 @@
-"""Every file in launch/: each accelerate YAML parses into a valid Accelerate config that matches
-its name, the Ray cluster YAML passes Ray's cluster-config schema, and each shell script parses."""
-import re
+"""Every file in launch/: one accelerate YAML per topology, each a valid Accelerate config that matches
+its name, with precision left to a flag; the two-process CPU config really starts two CPU processes
+over gloo with every GPU hidden; the Ray cluster YAML passes Ray's cluster-config schema; each shell
+script parses."""
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,16 +12,18 @@ import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.utils import DistributedType
 
-from conftest import ROOT
+from conftest import ROOT, clean_env, free_port
 
 LAUNCH = ROOT / "launch"
 ACCELERATE_CONFIGS = sorted(p for p in LAUNCH.glob("*.yaml") if p.name != "ray_cluster.yaml")
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+TOPOLOGIES = {"cpu_1proc", "cpu_2proc", "gpu_1", "gpu_node", "multinode"}
 
 
 def test_every_file_in_launch_is_checked_here():
     checked = {*ACCELERATE_CONFIGS, LAUNCH / "ray_cluster.yaml", *SCRIPTS}
     assert sorted(p.name for p in LAUNCH.iterdir() if p.is_file()) == sorted(p.name for p in checked)
+    assert {p.stem for p in ACCELERATE_CONFIGS} == TOPOLOGIES      # one config per topology
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
@@ -28,31 +33,73 @@ def test_accelerate_config_is_valid_and_matches_its_name(path):
     assert isinstance(raw["distributed_type"], str), f"{path.name}: quote distributed_type ('NO')"
     cfg = ClusterConfig.from_yaml_file(str(path))      # Accelerate's own loader: unknown keys are refused
     assert isinstance(cfg.distributed_type, DistributedType), cfg.distributed_type
-    assert cfg.mixed_precision in ("no", "bf16", "fp16") and cfg.num_machines >= 1
-    assert isinstance(cfg.num_processes, int) and cfg.num_processes >= cfg.num_machines
+    assert cfg.num_machines >= 1 and isinstance(cfg.num_processes, int)
     name = path.stem
-    header = path.read_text().splitlines()[0]        # the precision in the name, else in the first comment
-    precision = re.search(r"(bf16|fp16)", name) or re.search(r"\b(bf16|fp16)\b", header)
-    assert cfg.mixed_precision == (precision.group(1) if precision else "no"), name
-    procs = re.search(r"(\d+)proc", name) or re.search(r"gpu_(\d+)", name)
-    if procs:
-        assert cfg.num_processes == int(procs.group(1)), name
-    if cfg.num_processes > 1:
-        # several processes go through torchrun (MULTI_GPU); on a CPU-only machine the trainers
-        # build their Accelerator with cpu=True and the group runs over gloo
-        assert cfg.distributed_type == DistributedType.MULTI_GPU and not cfg.use_cpu, name
+    # precision is a flag of the launch or of the trainer, never a config of its own; the header says how
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert cfg.mixed_precision == "no", name
+    assert "--mixed_precision bf16" in header and "--mixed-precision bf16" in header, name
+    if name == "gpu_node":
+        # the node's GPU count is given at launch; Accelerate refuses to start without it
+        assert cfg.num_processes == -1 and "--num_processes" in header
     else:
-        assert cfg.distributed_type == DistributedType.NO, name
-    assert cfg.use_cpu == (name.startswith("cpu_") and cfg.num_processes == 1), name
+        assert cfg.num_processes >= cfg.num_machines
+    procs = {"cpu_1proc": 1, "cpu_2proc": 2, "gpu_1": 1}.get(name)
+    if procs:
+        assert cfg.num_processes == procs, name
+    # several processes go through torchrun (MULTI_GPU): MULTI_CPU would need mpirun
+    several = cfg.num_processes != 1
+    assert cfg.distributed_type == (DistributedType.MULTI_GPU if several else DistributedType.NO), name
+    assert cfg.use_cpu == name.startswith("cpu_"), name
+    if name.startswith("cpu_") and several:
+        # gpu_ids becomes CUDA_VISIBLE_DEVICES; CUDA shows only the ids before the first invalid one
+        ids = str(cfg.gpu_ids).split(",")
+        assert len(ids) >= 2 and int(ids[0]) < 0, cfg.gpu_ids
     if name.startswith("multinode"):
         assert cfg.num_machines > 1 and cfg.num_processes % cfg.num_machines == 0
 
 
-def test_ray_cluster_yaml_passes_rays_schema():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+REPORT = """\
+import json, os, torch, torch.distributed as dist
+from accelerate import Accelerator
+acc = Accelerator(cpu=not torch.cuda.is_available())   # as trainers/runtime.py builds it
+print(json.dumps({"rank": acc.process_index, "world": acc.num_processes, "device": acc.device.type,
+                  "backend": dist.get_backend(), "cuda_devices": torch.cuda.device_count(),
+                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+"""
 
+
+def test_cpu_2proc_starts_two_cpu_processes_over_gloo_with_every_gpu_hidden(tmp_path):
+    script = tmp_path / "report.py"
+    script.write_text(REPORT)
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(LAUNCH / "cpu_2proc.yaml"),
+                           "--main_process_port", str(free_port()), str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, env=clean_env(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1], proc.stdout
+    for r in ranks:
+        assert r["world"] == 2 and r["device"] == "cpu" and r["backend"] == "gloo" and r["cuda_devices"] == 0, r
+        assert r["visible"].split(",")[0] == "-1", r      # hidden on a machine with GPUs too
+
+
+def test_gpu_node_asks_for_the_gpu_count(tmp_path):
+    script = tmp_path / "noop.py"
+    script.write_text("")
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(LAUNCH / "gpu_node.yaml"), str(script)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin"))
+    assert proc.returncode != 0 and "--num_processes" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_ray_cluster_yaml_passes_rays_schema():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     config = yaml.safe_load((LAUNCH / "ray_cluster.yaml").read_text())
-    validate_config(prepare_config(config))      # raises on a wrong or unknown field
+    jsonschema.validate(config, schema)      # raises on a wrong or unknown field
     assert "tune/lstm_sweep.py --address" in (LAUNCH / "ray_cluster.yaml").read_text()
 
 
