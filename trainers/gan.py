@@ -36,7 +36,7 @@ from trainers.cli import (Log, Run, UsageError, build, check_choices, flag_value
                           read_config_file, require_at_least, require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
 from trainers.gan_metrics import FULL_SAMPLES, STAGE_SAMPLES, images_scored, stage_metrics
-from trainers.gan_plots import plot_losses, plot_stages
+from trainers.gan_plots import plot_run
 from trainers.gan_sampling import (BN_CALIBRATION, calibrate_batchnorm, load_generator_state, noise,
                                    save_grid)
 from trainers.runtime import (Shards, StopFlag, check_run_dir_is_free, collective_failures, generator_for,
@@ -61,7 +61,7 @@ RESUME_MUST_MATCH = ("base_channels", "latent_dim", "batch_size", "train_subset"
 class Data:
     """data"""
     data_dir: str = ""  # folder holding MNIST/raw/*.gz (default: the repo's data/)
-    train_subset: int = 0  # train on the first N training images only (0: all 60,000)
+    train_subset: int = 0  # train on the first N training images only (0: all of them)
 
 
 @dataclass
@@ -164,7 +164,7 @@ def make_config(preset: str = "auto", **overrides) -> GANConfig:
 def parse_train_args(argv: Sequence[str]) -> GANConfig:
     """CLI -> config: the preset's file, then --config's, then every flag given."""
     preset = flag_value("--preset", argv) or "auto"
-    default = make_config(preset) if preset in ("auto", *PRESETS) else GANConfig()
+    default = override(make_config(preset), preset=preset) if preset in ("auto", *PRESETS) else GANConfig()
     cfg = parse(GANConfig, argv, prog="trainers/gan.py", description=GANConfig.__doc__, default=default)
     cfg = override(cfg, preset=resolve_preset(cfg.preset))
     if preset == "auto" and int(os.environ.get("RANK", "0")) == 0:
@@ -429,18 +429,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     if accelerator.is_main_process:
         with torch.no_grad():
             final = save_grid(gen(z_fixed.to(device)), run_dir / "samples" / "final.png")
-        figures = {"samples/final": final,
-                   "figures/losses": plot_losses(history, iters, run_dir / "figures" / "losses.png")}
-        done = [(f"epoch {e}", run_dir / "samples" / f"epoch_{e:03d}.png") for e in stages]
-        done = [(label, png) for label, png in done if png.exists()]
-        if done:
-            figures["figures/stages"] = plot_stages(done, run_dir / "figures" / "stages.png",
-                                                    "the fixed-noise grid across training")
-            middle = done[len(done) // 2] if len(done) > 2 else done[-1]
-            panels = [("start: " + done[0][0], done[0][1]), ("middle: " + middle[0], middle[1]),
-                      (f"end: iteration {step}", final)]
-            figures["figures/three_panel"] = plot_stages(panels, run_dir / "figures" / "three_panel.png",
-                                                         "start, middle and end of training")
+        figures = {"samples/final": final, **plot_run(run_dir, history, iters, stages, final, step)}
         tracker.log_images(figures, step=step, caption=f"iteration {step} (epoch {step / iters:g})")
     clock.eval_s += time.perf_counter() - tick
     metrics.update({"eval_time_s": round(clock.eval_s, 2), "wall_time_s": round(wall_time, 2)})

@@ -34,3 +34,20 @@ def plot_losses(history: dict[str, list[float]], iters_per_epoch: int, path: Pat
     ax_loss.set(title="losses", ylabel="BCE")
     ax_prob.set(title="discriminator outputs", ylabel="mean probability of 'real'", ylim=(0, 1))
     return save_figure(fig, path)
+
+
+def plot_run(run_dir: Path, history: dict, iters_per_epoch: int, stages: list[int], final: Path,
+             step: int) -> dict[str, Path]:
+    """The end-of-run figures: losses, the stage grids side by side, and start/middle/end."""
+    figures = {"figures/losses": plot_losses(history, iters_per_epoch, run_dir / "figures" / "losses.png")}
+    done = [(f"epoch {e}", run_dir / "samples" / f"epoch_{e:03d}.png") for e in stages]
+    done = [(label, png) for label, png in done if png.exists()]
+    if done:
+        figures["figures/stages"] = plot_stages(done, run_dir / "figures" / "stages.png",
+                                                "the fixed-noise grid across training")
+        middle = done[len(done) // 2] if len(done) > 2 else done[-1]
+        panels = [("start: " + done[0][0], done[0][1]), ("middle: " + middle[0], middle[1]),
+                  (f"end: iteration {step}", final)]
+        figures["figures/three_panel"] = plot_stages(panels, run_dir / "figures" / "three_panel.png",
+                                                     "start, middle and end of training")
+    return figures
