@@ -1,24 +1,25 @@
 """Joining a running Ray cluster from a driver: address checks, token auth, and a watch on the head.
 
 Ray (2.52+) protects a cluster with a token when its head runs with ``RAY_AUTH_MODE=token``;
-``ray start --head`` turns it on by itself when ``~/.ray/auth_token`` exists on the head (any
-earlier local ``ray.init()`` writes one). A driver that joins by an explicit address sends the
-token only with ``RAY_AUTH_MODE=token`` set, and reads it, in Ray's order, from ``RAY_AUTH_TOKEN``,
-the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``
-(https://docs.ray.io/en/latest/ray-security/token-auth.html). :func:`join` turns token mode on
-when a token is there (a head without auth accepts such a driver too), asks the head's GCS once,
-with a short timeout, whether it takes this driver, and turns each way of failing into one
-line (:class:`UsageError`) instead of Ray's 20 s of retries.
+``ray start --head`` turns it on by itself when ``~/.ray/auth_token`` exists on the head. A driver
+joining by an explicit address sends the token only if ``RAY_AUTH_MODE=token`` was set when it
+imported Ray, and reads it, in Ray's order, from ``RAY_AUTH_TOKEN``, the file named by
+``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``
+(https://docs.ray.io/en/latest/ray-security/token-auth.html). :func:`prepare_auth` (before
+``import ray``) turns token mode on when a token is there; a head without auth accepts such a
+driver too. :func:`join` asks the head once, with ``ray status`` in a child process under a short
+timeout, whether it takes this driver, and turns each way of failing into one line
+(:class:`UsageError`) instead of Ray's 20 s of retries.
 """
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from trainers.cli import UsageError
@@ -29,6 +30,20 @@ TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN = Path("~/.ray/auth_token")
 HEAD_LOST_EXIT = 1            # exit code of a driver whose cluster went away mid-run
 GET_TOKEN = "`ray get-auth-token` on the head prints it"
+
+# `ray status --address A` in a child process: Ray's exception types become exit codes
+PROBE = """\
+import sys
+from ray.exceptions import AuthenticationError
+from ray.scripts.scripts import status
+try:
+    status.main(["--address", sys.argv[1]], standalone_mode=False)
+except AuthenticationError:
+    sys.exit(3)
+except ConnectionError:   # raised only while resolving "auto"
+    sys.exit(4)
+"""
+REFUSED, NOT_FOUND = 3, 4
 
 
 def split_address(address: str) -> tuple[str, str, int]:
@@ -80,87 +95,52 @@ def token_source() -> str | None:
     return None
 
 
-def enable_token_mode() -> None:
-    """``RAY_AUTH_MODE=token`` for this process, also when Ray has already read its settings."""
-    os.environ[AUTH_MODE] = "token"
-    try:
-        from ray._raylet import AuthenticationTokenLoader, Config
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):
-        pass
-
-
 def prepare_auth(address: str) -> str | None:
-    """Set up token auth the way Ray documents it; returns the token's source when one is sent."""
-    mode = os.environ.get(AUTH_MODE)
+    """Set ``RAY_AUTH_MODE=token`` when a token is there and the mode is unset; call it before
+    ``import ray``. Returns the token's source when one is sent."""
     source = token_source()
-    if mode is None and source is not None:
-        enable_token_mode()
-        mode = "token"
-    if (mode or "").lower() != "token":
+    if AUTH_MODE not in os.environ and source is not None:
+        if "ray" in sys.modules:   # Ray has read its settings already and would not send the token
+            raise RuntimeError("call tune.cluster.prepare_auth before importing ray")
+        os.environ[AUTH_MODE] = "token"
+    if os.environ.get(AUTH_MODE, "").lower() != "token":
         return None
     if source is None:
         raise UsageError(f"--address {address}: {AUTH_MODE}=token but this machine has no Ray auth token; "
                          f"copy the head's {DEFAULT_TOKEN} to the same path here ({GET_TOKEN}), or set "
                          f"{TOKEN_ENV}")
-    enable_token_mode()   # a token from the environment may differ from the one Ray cached
     return source
 
 
-@contextmanager
-def quiet_native_stderr():
-    """Ray's C++ client logs each refused call on file descriptor 2; the caller reports instead."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+def probe_head(address: str, source: str | None, timeout_s: float = 15.0) -> None:
+    """Ask the head once, with ``ray status`` in a child process (this environment, its stderr kept
+    from the user), whether it takes this driver: it does, refuses the token, or is not a Ray head."""
     try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def probe_head(address: str, source: str | None, timeout_s: float = 5.0) -> None:
-    """Ask the GCS at ``host:port`` for the cluster id, once: it answers, refuses the token, or is
-    not a Ray head. Skipped where this Ray lacks the client used (ray.init still reports)."""
-    try:
-        from ray._raylet import InnerGcsClient
-        from ray.exceptions import AuthenticationError
-    except ImportError:
-        return
-    try:
-        with quiet_native_stderr():
-            InnerGcsClient.standalone(address, None, int(timeout_s * 1000))
-    except AuthenticationError:
-        if source is not None:
-            raise UsageError(f"--address {address}: the Ray head refused the auth token from {source} (it is "
-                             f"not the head's); put the head's token there instead ({GET_TOKEN})") from None
-        if os.environ.get(AUTH_MODE):
-            raise UsageError(f"--address {address}: the Ray head requires token auth but {AUTH_MODE}="
-                             f"{os.environ[AUTH_MODE]} here; unset it (or set it to token) and copy the head's "
-                             f"token to {DEFAULT_TOKEN} ({GET_TOKEN})") from None
-        raise UsageError(f"--address {address}: the Ray head requires token auth and this machine has no "
-                         f"token; copy the head's {DEFAULT_TOKEN} to the same path here ({GET_TOKEN}), "
-                         f"or set {TOKEN_ENV}") from None
-    except Exception as err:   # noqa: BLE001 - Ray raises RpcError, RuntimeError, ... here
-        first = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise UsageError(f"--address {address}: something answers there but no Ray head does ({first}); "
-                         "give the address `ray start --head` printed (port 6379 unless --port was given)") from None
-
-
-def resolve(address: str) -> str:
-    """``auto`` -> the host:port of the cluster last started on this machine."""
-    if address != "auto":
-        return address
-    from ray._private.services import canonicalize_bootstrap_address
-
-    found = canonicalize_bootstrap_address("auto")
-    if found is None:
-        raise UsageError("--address auto: no Ray cluster was started on this machine; start one with "
-                         "`ray start --head`, or give the head's host:port")
-    return found
+        proc = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        why = f"no answer to `ray status` within {timeout_s:g} s"
+    else:
+        if proc.returncode == 0:
+            return
+        if proc.returncode == REFUSED:
+            mode = os.environ.get(AUTH_MODE)
+            if source is not None:
+                raise UsageError(f"--address {address}: the Ray head refused the auth token from {source} (it "
+                                 f"is not the head's); put the head's token there instead ({GET_TOKEN})")
+            if mode:
+                raise UsageError(f"--address {address}: the Ray head requires token auth but {AUTH_MODE}={mode} "
+                                 f"here; unset it (or set it to token) and copy the head's token to "
+                                 f"{DEFAULT_TOKEN} ({GET_TOKEN})")
+            raise UsageError(f"--address {address}: the Ray head requires token auth and this machine has no "
+                             f"token; copy the head's {DEFAULT_TOKEN} to the same path here ({GET_TOKEN}), "
+                             f"or set {TOKEN_ENV}")
+        if proc.returncode == NOT_FOUND and address == "auto":
+            raise UsageError("--address auto: no Ray cluster was started on this machine; start one with "
+                             "`ray start --head`, or give the head's host:port")
+        why = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:120]
+    raise UsageError(f"--address {address}: something answers there but no Ray head does ({why}); "
+                     "give the address `ray start --head` printed (port 6379 unless --port was given)")
 
 
 def watch_head(address: str, interval_s: float = 0.25, misses: int = 4) -> threading.Thread:
@@ -194,29 +174,31 @@ def watch_head(address: str, interval_s: float = 0.25, misses: int = 4) -> threa
 
 
 def join(address: str) -> None:
-    """``ray.init(address=...)`` with each way of failing turned into one line; then watch the head."""
-    import ray
-    from ray.exceptions import RayError
-
-    address = resolve(address)
+    """``ray.init(address=...)`` with each way of failing turned into one line; then watch the head.
+    Call :func:`prepare_auth` first where the caller imports ray before this."""
     check_reachable(address)
-    if split_address(address)[0] == "ray":
+    source = prepare_auth(address)
+    if address != "auto" and split_address(address)[0] == "ray":
         try:
             import grpc  # noqa: F401 - Ray Client's transport
         except ImportError:
             raise UsageError(f"--address {address}: Ray Client needs grpcio, which is not installed "
                              "(pip install 'ray[client]'); or run on a cluster node with --address "
                              "<head>:6379") from None
-        source = prepare_auth(address)
     else:
-        source = prepare_auth(address)
         probe_head(address, source)
+
+    import ray
+    from ray.exceptions import RayError
+
     try:   # Ray's "Connecting to ..." INFO lines would go to stderr; one line on stdout says it instead
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, RayError) as err:
         first = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise UsageError(f"--address {address}: cannot join the Ray cluster ({first})") from None
     logging.getLogger("ray").setLevel(logging.INFO)
+    if address == "auto":
+        address = ray.get_runtime_context().gcs_address
     total = ray.cluster_resources()
     print(f"joined the Ray cluster at {address}: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPUs, "
           f"{total.get('GPU', 0):g} GPUs; auth: {'token from ' + source if source else 'none'}", flush=True)
