@@ -246,7 +246,8 @@ def test_presets_and_explicit_flags(capsys, monkeypatch):
     assert "preset auto -> cpu-demo" in capsys.readouterr().out
     assert cfg.preset == "cpu-demo" and cfg.optim.epochs == 2 and cfg.model.base_channels == 16   # flag wins, rest preset
     paper = parse_train_args(["--preset", "paper"])
-    assert (paper.base_channels, paper.epochs, paper.batch_size, paper.lr, paper.beta1, paper.latent_dim) == \
+    assert (paper.model.base_channels, paper.optim.epochs, paper.optim.batch_size, paper.optim.lr, paper.optim.beta1,
+            paper.model.latent_dim) == \
         (128, 50, 128, 2e-4, 0.5, 100)
     assert paper.stage_list() == [0, 1, 5, 10, 20, 30, 40, 50]
 
