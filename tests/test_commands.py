@@ -1,5 +1,5 @@
 """Documented commands that are not trainers, run as users run them at a tiny size: the evaluation
-floor (`python -m trainers.gan_eval`) and each benchmark script. They print figures, so the checks
+floor (`python -m trainers.gan_metrics`) and each benchmark script. They print figures, so the checks
 are that each runs to the end and that what it writes agrees with what it prints."""
 import json
 import re
@@ -16,8 +16,8 @@ def ok(proc):
     return proc.stdout
 
 
-def test_gan_eval_module_prints_the_real_data_floor():
-    out = ok(run_script(["-m", "trainers.gan_eval", "--threads", "1"], timeout=600))
+def test_gan_metrics_module_prints_the_real_data_floor():
+    out = ok(run_script(["-m", "trainers.gan_metrics", "--threads", "1"], timeout=600))
     assert "real-data floor: 10,000 MNIST training images" in out
     fid = re.search(r"FID vs MNIST test \(classifier features\)\s+([\d.]+)\s+([\d.]+)", out)
     assert fid and 0 < float(fid.group(1)) < 4 and float(fid.group(2)) > 0, out   # 10,000 and 2,000 real images

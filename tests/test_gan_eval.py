@@ -1,4 +1,5 @@
-"""GAN evaluation and latent walks: SLERP, the metrics against independent oracles, the CLIs end to end."""
+"""GAN evaluation and latent walks: SLERP, the metrics against independent oracles, their cache,
+the CLIs end to end."""
 import json
 import math
 import re
@@ -10,17 +11,19 @@ import scipy.linalg
 import scipy.stats
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 from torchvision.transforms.functional import gaussian_blur
 
 import trainers.gan as gan
-import trainers.gan_eval as ge
+import trainers.gan_metrics as gm
+import trainers.gan_walks as gw
 from conftest import assert_usage_error, run_script
 from data.mnist import load_mnist, to_unit_range
 from trainers.cli import UsageError, run_cli
+from trainers.gan_evaluate import evaluate_main
+from trainers.gan_interpolate import interpolate_main
+from trainers.gan_sampling import BN_CALIBRATION, BN_STREAM, calibrate_batchnorm, load_generator_state, noise
 from trainers.tracking import read_offline_run
-
-
-
 
 # --- SLERP ------------------------------------------------------------------------------------
 
@@ -35,7 +38,7 @@ def test_slerp_hits_both_endpoints_and_moves_at_constant_angular_speed():
     g = torch.Generator().manual_seed(0)
     z1, z2 = torch.randn(100, generator=g, dtype=torch.float64), 3 * torch.randn(100, generator=g, dtype=torch.float64)
     t = torch.linspace(0, 1, 9, dtype=torch.float64)
-    path = ge.slerp(z1, z2, t)
+    path = gw.slerp(z1, z2, t)
     assert torch.allclose(path[0], z1, atol=1e-12) and torch.allclose(path[-1], z2, atol=1e-12)
     omega = angle(z1, z2)
     for k in range(9):   # the angle to z1 grows linearly, t * omega, and so does the norm
@@ -53,10 +56,10 @@ def test_slerp_keeps_the_norm_where_linear_cuts_the_corner():
     z2 = z2 * z1.norm() / z2.norm()                               # same radius r
     t = torch.linspace(0, 1, 9)
     r = z1.norm()
-    assert torch.allclose(ge.slerp(z1, z2, t).norm(dim=1), r.expand(9), rtol=1e-5)
+    assert torch.allclose(gw.slerp(z1, z2, t).norm(dim=1), r.expand(9), rtol=1e-5)
     omega = angle(z1.double(), z2.double())
     # the linear midpoint lies at r cos(omega / 2) from the origin
-    assert math.isclose(float(ge.lerp(z1, z2, t)[4].norm()), float(r * torch.cos(omega / 2)), rel_tol=1e-5)
+    assert math.isclose(float(gw.lerp(z1, z2, t)[4].norm()), float(r * torch.cos(omega / 2)), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [2.0, -1.0, -0.5, 1.0])
@@ -64,18 +67,18 @@ def test_parallel_and_antiparallel_inputs_fall_back_to_linear_without_nan(scale)
     z1 = torch.randn(100, generator=torch.Generator().manual_seed(2))
     z2 = scale * z1
     t = torch.linspace(0, 1, 9)
-    path = ge.slerp(z1, z2, t)
+    path = gw.slerp(z1, z2, t)
     assert torch.isfinite(path).all()
-    assert torch.allclose(path, ge.lerp(z1, z2, t))
-    nearly = ge.slerp(z1, z1 + 1e-4 * torch.randn(100, generator=torch.Generator().manual_seed(3)), t)
+    assert torch.allclose(path, gw.lerp(z1, z2, t))
+    nearly = gw.slerp(z1, z1 + 1e-4 * torch.randn(100, generator=torch.Generator().manual_seed(3)), t)
     assert torch.isfinite(nearly).all()
 
 
 def test_pairs_parse_or_fail_with_one_line():
-    assert ge.parse_pairs("8-3,1-7, 0-6") == [(8, 3), (1, 7), (0, 6)]
+    assert gw.parse_pairs("8-3,1-7, 0-6") == [(8, 3), (1, 7), (0, 6)]
     for bad in ("83", "8-", "10-3", "a-b", "8-3-1", "8-3,"):
         with pytest.raises(UsageError, match="--pairs"):
-            ge.parse_pairs(bad)
+            gw.parse_pairs(bad)
 
 
 # --- metrics against independent oracles --------------------------------------------------------
@@ -85,18 +88,18 @@ def test_classifier_score_and_entropy_match_scipy():
     p = torch.softmax(logits.double(), 1).numpy()
     marginal = p.mean(0)
     expected = math.exp(np.mean([scipy.stats.entropy(row, marginal) for row in p]))
-    assert math.isclose(ge.classifier_score(torch.log_softmax(logits, 1)), expected, rel_tol=1e-5)
-    hist = ge.class_histogram(logits.argmax(1))
-    assert math.isclose(ge.histogram_entropy(hist), scipy.stats.entropy(hist.numpy()), rel_tol=1e-9)
+    assert math.isclose(gm.classifier_score(torch.log_softmax(logits, 1)), expected, rel_tol=1e-5)
+    hist = gm.class_histogram(logits.argmax(1))
+    assert math.isclose(gm.histogram_entropy(hist), scipy.stats.entropy(hist.numpy()), rel_tol=1e-9)
     # the two ends of the scale: confident and uniform over 10 classes -> 10; one class -> 1
     confident = torch.log_softmax(40 * torch.eye(10).repeat(30, 1), 1)
-    assert math.isclose(ge.classifier_score(confident), 10.0, rel_tol=1e-6)
-    assert math.isclose(ge.classifier_score(confident[::10]), 1.0, rel_tol=1e-6)
+    assert math.isclose(gm.classifier_score(confident), 10.0, rel_tol=1e-6)
+    assert math.isclose(gm.classifier_score(confident[::10]), 1.0, rel_tol=1e-6)
 
 
 @pytest.fixture(scope="module")
 def scorer():
-    return ge.scorer_for("cpu")
+    return gm.scorer_for("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,12 @@ def test_fid_orders_real_blurred_noise_and_agrees_with_scipy(scorer, real_images
     assert real_m["classifier_score"] > 9.5 > blur_m["classifier_score"] and noise_m["classifier_score"] < 3
     # torchmetrics' FID on our features == the formula with scipy's matrix square root
     test_features, _ = scorer.features_and_log_probs(to_unit_range(load_mnist("test")[0]))
+    # the reference statistics the scorer holds (read from the cache when it was there) are
+    # exactly those of the test features computed now
+    fresh = FrechetInceptionDistance(feature=gm.FeatureInput(), reset_real_features=False)
+    fresh.update(test_features, real=True)
+    for name in ("real_features_sum", "real_features_cov_sum", "real_features_num_samples"):
+        assert torch.equal(getattr(fresh, name), getattr(scorer.fid, name)), name
     blur_features, _ = scorer.features_and_log_probs(blurred)
     assert math.isclose(blur_m["fid"], scipy_fid(blur_features.numpy(), test_features.numpy()), rel_tol=1e-3)
     # the histogram is of the classifier's labels, which are right on real digits
@@ -141,6 +150,94 @@ def test_floor_is_ten_thousand_real_training_images(scorer):
     floor = scorer.floor()
     assert floor["n"] == 10_000 and 0 < floor["fid"] < 4 and floor["classifier_score"] > 9.5
     assert abs(sum(floor["class_hist"]) - 1) < 1e-3
+    # the floor's images are the fixed random subset: their labels' histogram is the classifier's, nearly
+    _, labels = load_mnist("train")
+    truth = gm.class_histogram(labels[gm.floor_indices()])
+    assert max(abs(a - b) for a, b in zip(floor["class_hist"], truth.tolist())) < 0.005
+
+
+# --- the cache of the classifier's outputs on real images ----------------------------------------
+
+SMALL_FLOOR = 300   # a floor this size exercises the same cache as the real one, at a fraction of the cost
+
+
+@pytest.fixture
+def small_floor(scorer, tmp_path, monkeypatch):
+    """The scorer, an empty cache folder, and a floor of SMALL_FLOOR images."""
+    monkeypatch.setenv(gm.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(gm, "FLOOR_SAMPLES", SMALL_FLOOR)
+
+    def outputs():
+        return scorer.real_outputs("train", SMALL_FLOOR, gm.floor_indices, stream=gm.FLOOR_STREAM)
+    return scorer, tmp_path / "cache", outputs
+
+
+def test_cached_outputs_are_bit_identical_to_computed_ones(small_floor):
+    scorer, cache, outputs = small_floor
+    before = scorer.images_scored
+    computed = outputs()                             # empty cache: classified, then written
+    assert scorer.images_scored == before + SMALL_FLOOR
+    (path,) = cache.rglob("*.pt")
+    assert scorer.weights_sha256[:16] in str(path) and not list(cache.rglob(".*tmp*"))
+    cached = outputs()                               # read back: nothing classified
+    assert scorer.images_scored == before + SMALL_FLOOR
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(computed, cached))
+    # the same rows the classifier gives on those training images, computed here
+    images, _ = load_mnist("train")
+    direct = scorer.features_and_log_probs(to_unit_range(images[gm.floor_indices()]))
+    assert all(torch.equal(a, b) for a, b in zip(direct, cached))
+    # and the numbers from them are the same
+    assert scorer.metrics(*computed) == scorer.metrics(*cached)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "other_key", "wrong_shape", "nan"])
+def test_a_damaged_cache_file_is_recomputed_and_rewritten(small_floor, damage):
+    scorer, cache, outputs = small_floor
+    computed = outputs()
+    (path,) = cache.rglob("*.pt")
+    blob = torch.load(path, weights_only=True)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "garbage":
+        path.write_bytes(b"not a tensor file")
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "other_key":   # a file written for other weights, copied over this one
+        torch.save({**blob, "key": json.dumps({**json.loads(blob["key"]), "weights_sha256": "0" * 64})}, path)
+    elif damage == "wrong_shape":
+        torch.save({**blob, "features": blob["features"][:-1]}, path)
+    else:
+        torch.save({**blob, "features": blob["features"].clone().fill_(float("nan"))}, path)
+    before = scorer.images_scored
+    again = outputs()                                # recomputed, no error
+    assert scorer.images_scored == before + SMALL_FLOOR
+    assert all(torch.equal(a, b) for a, b in zip(computed, again))
+    key = scorer.cache_key("train", SMALL_FLOOR, gm.FLOOR_STREAM)
+    assert gm.read_cached(path, key, SMALL_FLOOR) is not None       # and written again, whole
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_only_the_recomputation(small_floor, monkeypatch, tmp_path):
+    scorer, _, outputs = small_floor
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(gm.CACHE_ENV, str(blocker / "cache"))   # under a file: nothing can be made there
+    before = scorer.images_scored
+    first, second = outputs(), outputs()
+    assert scorer.images_scored == before + 2 * SMALL_FLOOR     # no error, each call classified the images
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_the_cache_key_names_the_weights_the_images_and_the_device(scorer, monkeypatch, tmp_path):
+    from trainers.classifier import DEFAULT_WEIGHTS, sha256_of
+    key = scorer.cache_key("train", gm.FLOOR_SAMPLES, gm.FLOOR_STREAM)
+    assert key["weights_sha256"] == sha256_of(DEFAULT_WEIGHTS)
+    assert (key["split"], key["n"], key["stream"], key["device"]) == ("train", 10_000, gm.FLOOR_STREAM, "cpu")
+    assert key != scorer.cache_key("train", 2_000, gm.FLOOR_STREAM) != scorer.cache_key("test", 2_000, None)
+    monkeypatch.delenv(gm.CACHE_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert gm.cache_dir() == tmp_path / ".cache" / "palgan"
+    monkeypatch.setenv(gm.CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert gm.cache_dir() == tmp_path / "elsewhere"
 
 
 # --- endpoints and walks with a generator whose images are known -----------------------------
@@ -171,10 +268,10 @@ class BankGenerator(nn.Module):
 
 def test_endpoints_are_the_most_confident_draws_of_each_digit(scorer, tmp_path):
     g = BankGenerator()
-    ends = ge.find_endpoints(g, scorer, [8, 3, 1, 7], draws=1000)
+    ends = gw.find_endpoints(g, scorer, [8, 3, 1, 7], draws=1000)
     for digit, (z, conf) in ends.items():
         assert int(g.labels[g.index(z[None])]) == digit and conf > 0.9
-    walks, figures = ge.interpolate(g, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path, draws=1000)
+    walks, figures = gw.interpolate(g, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path, draws=1000)
     for w in walks:
         assert w.t == pytest.approx([0, 0.25, 0.5, 0.75, 1])
         assert w.predicted[0] == w.pair[0] and w.predicted[-1] == w.pair[1]
@@ -184,10 +281,50 @@ def test_endpoints_are_the_most_confident_draws_of_each_digit(scorer, tmp_path):
          "interp_linear_vs_slerp.png"])
     # each figure shows its own walk: the file equals the walk drawn again
     for w in walks:
-        redrawn = ge.plot_strip(w, tmp_path / "redrawn" / "strip.png")
+        redrawn = gw.plot_strip(w, tmp_path / "redrawn" / "strip.png")
         assert same_pixels(figures[f"interp/{w.mode}_{w.pair[0]}-{w.pair[1]}"], redrawn), (w.mode, w.pair)
-    redrawn = ge.plot_comparison(walks, tmp_path / "redrawn" / "comparison.png")
+    redrawn = gw.plot_comparison(walks, tmp_path / "redrawn" / "comparison.png")
     assert same_pixels(figures["interp/linear_vs_slerp"], redrawn)
+
+
+# --- the EMA generator's BatchNorm calibration and the commands' device -------------------------
+
+def test_batchnorm_calibration_is_the_average_of_the_fixed_batches_statistics():
+    """Each BatchNorm's running mean and variance become the averages, over the BN_CALIBRATION batches
+    of the BN_STREAM z, of its input's per-batch mean and unbiased variance (computed here by hooks)."""
+    from models.dcgan import Generator
+    torch.manual_seed(0)
+    g = Generator(base_channels=4)
+    g.train()(torch.randn(32, g.latent_dim))          # running statistics away from their initial values
+    norms = [m for m in g.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    seen = {m: [] for m in norms}
+    hooks = [m.register_forward_hook(lambda m, args, out: seen[m].append(args[0].detach().double())) for m in norms]
+    seed, (batches, size) = 3, BN_CALIBRATION
+    assert calibrate_batchnorm(g, seed, batches, size) is g and not g.training
+    for h in hooks:
+        h.remove()
+    for m in norms:
+        assert len(seen[m]) == batches and int(m.num_batches_tracked) == batches
+        mean = torch.stack([x.mean((0, 2, 3)) for x in seen[m]]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in seen[m]]).mean(0)
+        assert torch.allclose(m.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(m.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert [m.momentum for m in norms] == momenta
+    # the batches were the fixed stream's z: the first BatchNorm saw the first layer's output of them
+    with torch.no_grad():
+        for k in range(batches):
+            z = noise(size, g.latent_dim, seed, BN_STREAM, k)
+            assert torch.equal(seen[norms[0]][k], g.net[0](z[:, :, None, None]).double()), k
+
+
+def test_commands_run_on_the_accelerators_device_else_the_gpu_else_the_cpu():
+    from trainers.gan_sampling import command_device
+
+    class Fake:
+        device = torch.device("cuda", 1)
+    assert command_device(Fake()) == torch.device("cuda", 1)   # a rank of a multi-GPU launch: its own GPU
+    assert command_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --- the trainer hooks and the CLIs on a tiny checkpoint ----------------------------------------
@@ -201,7 +338,7 @@ def tiny_run(tmp_path_factory):
                           run_name="tiny", num_threads=1)
     with pytest.MonkeyPatch.context() as mp:
         for name, value in (("ENDPOINT_DRAWS", 200), ("DEFAULT_PAIRS", "8-3,4-9")):
-            mp.setattr(ge, name, value)
+            mp.setattr(gw, name, value)
         metrics = gan.train(cfg)
     return cfg.run_dir, metrics
 
@@ -210,12 +347,17 @@ def test_training_hooks_write_final_numbers_and_walk_figures(tiny_run, scorer, t
     run_dir, metrics = tiny_run
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     final = on_disk["final"]
+    numbers_ = ("fid", "classifier_score", "class_entropy", "min_class_frac", "max_class_frac",
+                *(f"class_frac_{d}" for d in range(10)))
+    assert set(final) == {"n", "n_floor", "fid_over_floor", *numbers_, *(f"{k}_floor" for k in numbers_)}
+    assert final["fid_over_floor"] == round(final["fid"] / final["fid_floor"], 2)
+    assert "eval_images_per_rank" not in on_disk and not (run_dir / "debug.json").exists()
     assert final["n"] == 1000 and final["n_floor"] == 10_000
     assert math.isclose(sum(final[f"class_frac_{d}"] for d in range(10)), 1, abs_tol=1e-3)
     assert final["fid"] > final["fid_floor"]     # four iterations of a 4-channel GAN are far from MNIST
     assert "eval/fid" in on_disk["stages"]["0"] and "eval/classifier_score" in on_disk["stages"]["1"]
     # the final numbers are those of the saved generator: `evaluate` on the last checkpoint agrees
-    checked = ge.evaluate_main(["--checkpoint", str(run_dir), "--n", "1000", "--out", str(tmp_path / "eval")])
+    checked = evaluate_main(["--checkpoint", str(run_dir), "--n", "1000", "--out", str(tmp_path / "eval")])
     for key in ("fid", "classifier_score", "class_entropy", "min_class_frac", "max_class_frac"):
         assert final[key] == pytest.approx(checked["generated"][key], rel=1e-4, abs=1e-6), key
         assert final[f"{key}_floor"] == pytest.approx(checked["real_floor"][key], rel=1e-4, abs=1e-6), key
@@ -223,21 +365,20 @@ def test_training_hooks_write_final_numbers_and_walk_figures(tiny_run, scorer, t
         assert final[f"class_frac_{d}"] == pytest.approx(checked["generated"]["class_hist"][d], abs=1e-6), d
     assert same_pixels(run_dir / "figures" / "class_histogram.png", tmp_path / "eval" / "class_histogram.png")
     # the walk figures are those of the saved generator's walks, drawn again here
-    generator, _ = gan.load_generator(run_dir)
-    _, figures = ge.interpolate(generator, scorer, [(8, 3), (4, 9)], 9, "both", tmp_path / "walks", draws=200)
+    generator, _ = load_generator_state(run_dir)
+    _, figures = gw.interpolate(generator, scorer, [(8, 3), (4, 9)], 9, "both", tmp_path / "walks", draws=200)
     assert len(figures) == 5
     for path in figures.values():
         assert same_pixels(run_dir / "figures" / path.name, path), path.name
 
 
-def test_stage_metrics_leave_the_training_state_alone(scorer, monkeypatch):
+def test_stage_metrics_leave_the_training_state_alone(scorer):
     """The trainer calls this mid-run: no global RNG draws (resume must stay bit-exact), mode restored."""
     from models.dcgan import Generator
-    monkeypatch.setattr(ge, "STAGE_SAMPLES", 200)
     g = Generator(base_channels=2).train()
     before = [p.detach().clone() for p in g.parameters()], [b.clone() for b in g.buffers()]
     rng = torch.get_rng_state()
-    numbers = ge.stage_metrics(g, "cpu")
+    numbers = gm.stage_metrics(g, "cpu", n=200)
     assert torch.equal(rng, torch.get_rng_state()) and g.training
     assert all(torch.equal(a, b) for a, b in zip(before[0], g.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before[1], g.buffers()))   # BatchNorm stats untouched
@@ -261,7 +402,10 @@ def test_evaluate_prints_every_number_and_matches_evaluating_the_sampled_file(ti
     stdout = capsys.readouterr().out
     printed = numbers(stdout)
     saved = json.loads((tmp_path / "ckpt_eval" / "metrics.json").read_text())
-    redrawn = ge.plot_class_histogram(saved["generated"], saved["real_floor"], tmp_path / "redrawn.png")
+    assert set(saved) == {"source", "generated", "real_floor", "fid_over_floor", "config", "processes"}
+    assert saved["fid_over_floor"] == round(saved["generated"]["fid"] / saved["real_floor"]["fid"], 2)
+    assert f"FID / floor {saved['fid_over_floor']:.2f}" in stdout
+    redrawn = gm.plot_class_histogram(saved["generated"], saved["real_floor"], tmp_path / "redrawn.png")
     assert same_pixels(tmp_path / "ckpt_eval" / "class_histogram.png", redrawn)
     names = {"FID vs MNIST test (classifier features)": "fid", "classifier score exp(E KL)": "classifier_score",
              "class-histogram entropy (nats, max 2.303)": "class_entropy",
@@ -275,7 +419,7 @@ def test_evaluate_prints_every_number_and_matches_evaluating_the_sampled_file(ti
     # the same images through `sample --out x.pt` and `evaluate --images x.pt` give the same numbers
     pt = tmp_path / "samples.pt"
     run_cli(gan.main, ["sample", "--checkpoint", str(run_dir), "--n", "400", "--out", str(pt)])
-    ge.evaluate_main(["--images", str(pt)])
+    evaluate_main(["--images", str(pt)])
     from_file = json.loads((tmp_path / "samples_eval" / "metrics.json").read_text())   # written next to the .pt
     assert from_file["source"] == str(pt.resolve())
     for key in names.values():
@@ -290,13 +434,13 @@ def test_interpolate_writes_every_figure_and_logs_images_and_table_to_wandb(tiny
     stdout = capsys.readouterr().out
     expected = ["interp_linear_8-3", "interp_slerp_8-3", "interp_linear_1-7", "interp_slerp_1-7",
                 "interp_linear_vs_slerp"]
-    generator, _ = gan.load_generator(run_dir)     # the same walks, each drawn again here
-    walks, _ = ge.interpolate(generator, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path / "redrawn", draws=256)
+    generator, _ = load_generator_state(run_dir)     # the same walks, each drawn again here
+    walks, _ = gw.interpolate(generator, scorer, [(8, 3), (1, 7)], 5, "both", tmp_path / "redrawn", draws=256)
     assert sorted(f"interp_{w.mode}_{w.pair[0]}-{w.pair[1]}" for w in walks) == sorted(expected[:4])
     for w in walks:
         name = f"interp_{w.mode}_{w.pair[0]}-{w.pair[1]}.png"
-        assert same_pixels(out / name, ge.plot_strip(w, tmp_path / "strip.png")), name
-    assert same_pixels(out / "interp_linear_vs_slerp.png", ge.plot_comparison(walks, tmp_path / "both.png"))
+        assert same_pixels(out / name, gw.plot_strip(w, tmp_path / "strip.png")), name
+    assert same_pixels(out / "interp_linear_vs_slerp.png", gw.plot_comparison(walks, tmp_path / "both.png"))
     walk_lines = [line for line in stdout.splitlines() if re.match(r"(linear|slerp)\s+\d->\d", line)]
     assert len(walk_lines) == 4 and all(len(re.findall(r"\d:[01]\.\d\d", line)) == 5 for line in walk_lines)
     run_files = list(out.glob("wandb/offline-run-*/run-*.wandb"))
@@ -316,7 +460,7 @@ def test_interpolate_writes_every_figure_and_logs_images_and_table_to_wandb(tiny
 
 def test_single_mode_writes_no_comparison(tiny_run, tmp_path, capsys):
     run_dir, _ = tiny_run
-    ge.interpolate_main(["--checkpoint", str(run_dir), "--pairs", "0-6", "--steps", "3", "--mode", "slerp",
+    interpolate_main(["--checkpoint", str(run_dir), "--pairs", "0-6", "--steps", "3", "--mode", "slerp",
                          "--draws", "64", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["interp_slerp_0-6.png"]
     assert re.search(r"slerp\s+0->6(\s+\d:[01]\.\d\d){3}", capsys.readouterr().out)

@@ -262,15 +262,17 @@ def gan_two_procs(tmp_path_factory):
     out = tmp_path_factory.mktemp("gan2")
     args = [*GAN_DEMO, "--checkpoint-every", "5", "--out-dir", out, "--run-name", "two"]
     run = out / "two"
-    child = start(args, out / "first.log")
-    wait_for(child, has_checkpoint(run, 5), "the checkpoint at iteration 5", timeout=300)
-    ranks = rank_pids(child.pid)
-    os.kill(ranks[1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    child.wait(timeout=150)
-    killed = {"returncode": child.returncode, "ended_after_s": time.monotonic() - killed_at,
-              "metrics_written": (run / "metrics.json").exists()}
-    done = launch([*args, "--resume"])
+    with pytest.MonkeyPatch.context() as mp:   # an empty cache: the ranks classify the test set and the floor
+        mp.setenv("PALGAN_CACHE", str(out / "cache"))
+        child = start(args, out / "first.log")
+        wait_for(child, has_checkpoint(run, 5), "the checkpoint at iteration 5", timeout=300)
+        ranks = rank_pids(child.pid)
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        child.wait(timeout=150)
+        killed = {"returncode": child.returncode, "ended_after_s": time.monotonic() - killed_at,
+                  "metrics_written": (run / "metrics.json").exists()}
+        done = launch([*args, "--resume"])
     assert done.returncode == 0, done.stderr[-3000:]
     resumed_from = int(re.search(r"resuming two from iteration (\d+)", done.stdout).group(1))
     return run, done, killed, resumed_from
@@ -285,12 +287,23 @@ def test_gan_a_killed_rank_ends_the_job_within_two_minutes_and_resume_finishes(g
     assert m["finished"] and m["steps"] == 20 and "fid" in m["final"]
 
 
-def single_process_evaluation(run: Path, n: int) -> dict:
+@pytest.fixture(scope="module")
+def one_process_scorer(tmp_path_factory):
+    """A scorer whose test-set statistics and floor this test process computes alone (an empty cache)."""
+    import trainers.gan_metrics as gm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gm.CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        scorer = gm.Scorer("cpu")
+        scorer.floor()
+    return scorer
+
+
+def single_process_evaluation(run: Path, n: int, scorer) -> dict:
     """The same samples scored by one process, in this test process: the independent reference."""
-    import trainers.gan_eval as ge
+    import trainers.gan_metrics as gm
     from trainers.gan import load_generator
     generator, _ = load_generator(run)
-    return ge.full_metrics(generator, ge.scorer_for("cpu"), n)
+    return gm.full_metrics(generator, scorer, n)
 
 
 def assert_close(a: float, b: float, rel: float = 1e-4):
@@ -298,7 +311,8 @@ def assert_close(a: float, b: float, rel: float = 1e-4):
 
 
 def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(gan_two_procs):
-    import trainers.gan_eval as ge
+    import trainers.gan_metrics as gm
+    import trainers.gan_walks as gw
     run, proc, _, resumed_from = gan_two_procs
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["finished"] and m["steps"] == 2 * 10   # 640 / 2 ranks / batch 32
@@ -312,20 +326,20 @@ def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(
         assert (run / name).is_file(), name
     assert set(m["stages"]) == {"0", "1", "2"} and all("eval/fid" in s for s in m["stages"].values())
     # the work is shared: in the resumed launch each rank classified half of what one process classifies
-    # (test set, floor, its stages, the final samples, the endpoint search); rank 0 alone labels the 8
-    # walks of 9 frames
+    # (floor, its stages, the final samples, the endpoint search; the test set is read from the cache
+    # the first launch wrote at stage 0); rank 0 alone labels the 8 walks of 9 frames
     stages_here = [e for e in (1, 2) if 10 * e > resumed_from]
-    one_process = 10_000 + ge.FLOOR_SAMPLES + len(stages_here) * 200 + 400 + ge.ENDPOINT_DRAWS
+    one_process = gm.FLOOR_SAMPLES + len(stages_here) * 200 + 400 + gw.ENDPOINT_DRAWS
     assert m["eval_images_per_rank"] == [one_process // 2 + 8 * 9, one_process // 2]
     # BatchNorm all-reduces only in the training step (G: 5 layers; D: 4 layers on real, fake, and fake
     # again for G; forward and backward): the evaluation's passes run in eval mode and never sync
     assert m["bn_allreduce_calls"] == 2 * (5 + 3 * 4) * (m["steps"] - resumed_from)
 
 
-def test_gan_two_process_evaluation_equals_one_process(gan_two_procs):
+def test_gan_two_process_evaluation_equals_one_process(gan_two_procs, one_process_scorer):
     run = gan_two_procs[0]
     final = json.loads((run / "metrics.json").read_text())["final"]
-    ref = single_process_evaluation(run, 400)
+    ref = single_process_evaluation(run, 400, one_process_scorer)
     g, f = ref["generated"], ref["real_floor"]
     assert final["n"] == g["n"] == 400
     for key in ("fid", "classifier_score", "class_entropy"):
@@ -335,15 +349,17 @@ def test_gan_two_process_evaluation_equals_one_process(gan_two_procs):
         assert_close(final[f"class_frac_{d}"], g["class_hist"][d])
 
 
-def test_evaluate_and_sample_under_torchrun_equal_one_process(gan_two_procs, tmp_path):
+def test_evaluate_and_sample_under_torchrun_equal_one_process(gan_two_procs, one_process_scorer, tmp_path,
+                                                             monkeypatch):
     run = gan_two_procs[0]
+    monkeypatch.setenv("PALGAN_CACHE", str(tmp_path / "cache"))   # the two ranks classify the test set and floor
     ev = launch(["trainers/gan.py", "evaluate", "--checkpoint", run, "--num-images", "400", "--out", tmp_path / "ev"],
                 launcher="torchrun")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert ev.stdout.count("FID / floor") == 1                       # rank 0 reports, once
     got = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert got["processes"] == 2
-    ref = single_process_evaluation(run, 400)
+    ref = single_process_evaluation(run, 400, one_process_scorer)
     for key in ("fid", "classifier_score", "class_entropy"):
         assert_close(got["generated"][key], ref["generated"][key])
         assert_close(got["real_floor"][key], ref["real_floor"][key])
@@ -353,9 +369,9 @@ def test_evaluate_and_sample_under_torchrun_equal_one_process(gan_two_procs, tmp
     sm = launch(["trainers/gan.py", "sample", "--checkpoint", run, "--num-images", "9", "--out", tmp_path / "s.pt"],
                 launcher="torchrun")
     assert sm.returncode == 0, sm.stderr[-3000:]
-    from trainers.gan import generate, load_generator
+    from trainers.gan_sampling import generate, load_generator_state
     images = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert torch.allclose(images, generate(load_generator(run)[0], 9, seed=0), atol=1e-5)
+    assert torch.allclose(images, generate(load_generator_state(run)[0], 9, seed=0), atol=1e-5)
 
 
 # --- BatchNorm over the global batch: 2 processes follow 1 process --------------------------------

@@ -139,8 +139,12 @@ def test_gan_run_puts_final_numbers_in_the_summary_and_the_histogram_in_a_bar_ch
         "eval/min_class_frac", "eval/max_class_frac"}
     final, summary = metrics["final"], run["summary"]
     for key in ("fid", "fid_floor", "fid_over_floor", "classifier_score", "classifier_score_floor",
-                "class_entropy", "min_class_frac", "max_class_frac", "fid_ok", "score_ok", "classes_ok", "n"):
+                "class_entropy", "min_class_frac", "max_class_frac", "n"):
         assert summary[f"final/{key}"] == pytest.approx(final[key]), key
+    # numbers only: no pass/fail verdicts, no per-rank counts, in metrics.json or the summary
+    for key in ("fid_ok", "score_ok", "classes_ok", "goal"):
+        assert key not in final and f"final/{key}" not in summary and key not in metrics, key
+    assert "eval_images_per_rank" not in metrics and not any("images_per_rank" in k for k in summary)
     for key in ("steps", "wall_time_s", "train_images_per_s", "finished"):
         assert summary[key] == metrics[key], key
     assert not any(k.startswith("class_frac") or k.startswith("final/class_frac") for k in summary)
@@ -164,11 +168,11 @@ def test_gan_run_puts_final_numbers_in_the_summary_and_the_histogram_in_a_bar_ch
 def test_evaluate_with_wandb_is_an_evaluate_run_with_summary_and_bar_chart(tmp_path):
     import torch
 
-    import trainers.gan_eval as ge
+    from trainers.gan_evaluate import evaluate_main
 
     images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     torch.save(images, tmp_path / "noise.pt")
-    result = ge.evaluate_main(["--images", str(tmp_path / "noise.pt"), "--wandb"])
+    result = evaluate_main(["--images", str(tmp_path / "noise.pt"), "--wandb"])
     (wandb_file,) = (tmp_path / "noise_eval").glob("wandb/offline-run-*/run-*.wandb")
     run = finished_run(wandb_file)
     assert run["exit_code"] == 0 and run["run"]["job_type"] == "evaluate"
@@ -176,6 +180,8 @@ def test_evaluate_with_wandb_is_an_evaluate_run_with_summary_and_bar_chart(tmp_p
     assert run["summary"]["final/fid"] == pytest.approx(result["generated"]["fid"])
     assert run["summary"]["final/fid_floor"] == pytest.approx(result["real_floor"]["fid"])
     assert run["summary"]["final/n"] == 64
+    assert run["summary"]["final/fid_over_floor"] == pytest.approx(result["fid_over_floor"])
+    assert not any(k.endswith(("_ok", "/goal")) for k in run["summary"]) and "goal" not in result
     assert run["charts"] == {"eval/class_histogram": "wandb/bar/v0"}
     assert not any(k.startswith("final/") for row in run["history"] for k in row)
 

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data.mnist import load_mnist, to_unit_range
 from models.mnist_cnn import MnistCNN
-from trainers.checkpoint import write_json_atomic
-from trainers.cli import UsageError, arg, parse_config, require_at_least, require_non_negative, \
-    require_positive, run_cli
+from trainers.cli import (UsageError, flatten, parse, require_at_least, require_non_negative, require_positive,
+                          run_cli)
+from trainers.files import atomic_path, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_WEIGHTS = REPO / "models" / "weights" / "mnist_cnn.pt"
@@ -37,32 +33,48 @@ TARGET_ACCURACY = 0.99                      # the bar on the MNIST test set
 
 
 @dataclass
+class Data:
+    """data"""
+    data_dir: str = ""  # folder holding MNIST/raw/ (default: the repo's data/)
+    shift: int = 1  # random translation of each training image, in pixels (0 = none)
+
+
+@dataclass
+class Optim:
+    """optimisation"""
+    epochs: int = 2  # passes over the 60,000 training images
+    max_steps: int = 0  # stop after this many steps (0 = run all epochs; for tests)
+    batch_size: int = 128  # images per step
+    lr: float = 3e-3  # peak Adam learning rate of the one-cycle schedule
+    weight_decay: float = 1e-4  # AdamW weight decay
+
+
+@dataclass
+class Run:
+    """run"""
+    num_threads: int = 0  # torch CPU threads (0: torch's default; 1 is faster on a busy 2-core machine)
+    seed: int = 0  # seed of the initial weights, the shuffling and the shifts
+    out: str = str(DEFAULT_WEIGHTS.relative_to(REPO))  # weights file to write (the .json sidecar goes beside it)
+
+
+@dataclass
 class ClassifierConfig:
-    # data
-    data_dir: str = arg("", "folder holding MNIST/raw/ (default: the repo's data/)", "data")
-    shift: int = arg(1, "random translation of each training image, in pixels (0 = none)", "data")
-    # optimisation
-    epochs: int = arg(2, "passes over the 60,000 training images", "optimisation")
-    max_steps: int = arg(0, "stop after this many steps (0 = run all epochs; for tests)", "optimisation")
-    batch_size: int = arg(128, "images per step", "optimisation")
-    lr: float = arg(3e-3, "peak Adam learning rate of the one-cycle schedule", "optimisation")
-    weight_decay: float = arg(1e-4, "AdamW weight decay", "optimisation")
-    # run
-    num_threads: int = arg(0, "torch CPU threads (0: torch's default; 1 is faster on a busy 2-core machine)", "run")
-    seed: int = arg(0, "seed of the initial weights, the shuffling and the shifts", "run")
-    out: str = arg(str(DEFAULT_WEIGHTS.relative_to(REPO)), "weights file to write (the .json sidecar goes beside it)",
-                   "run")
+    """Train the evaluation classifier on MNIST."""
+    data: Data = field(default_factory=Data)
+    optim: Optim = field(default_factory=Optim)
+    run: Run = field(default_factory=Run)
 
     def validate(self) -> None:
-        require_at_least(self.epochs, 1, "epochs")
-        require_at_least(self.batch_size, 1, "batch_size")
-        require_at_least(self.max_steps, 0, "max_steps")
-        require_at_least(self.num_threads, 0, "num_threads")
-        require_at_least(self.shift, 0, "shift")
-        require_positive(self.lr, "lr")
-        require_non_negative(self.weight_decay, "weight_decay")
-        if not self.out.endswith(".pt"):
-            raise UsageError(f"--out must name a .pt file, got {self.out!r}")
+        d, o, r = self.data, self.optim, self.run
+        require_at_least(o.epochs, 1, "epochs")
+        require_at_least(o.batch_size, 1, "batch_size")
+        require_at_least(o.max_steps, 0, "max_steps")
+        require_at_least(r.num_threads, 0, "num_threads")
+        require_at_least(d.shift, 0, "shift")
+        require_positive(o.lr, "lr")
+        require_non_negative(o.weight_decay, "weight_decay")
+        if not r.out.endswith(".pt"):
+            raise UsageError(f"--out must name a .pt file, got {r.out!r}")
 
 
 # --- weights on disk ----------------------------------------------------------------------
@@ -78,11 +90,9 @@ def sidecar(weights: Path) -> Path:
 def save_weights(model: MnistCNN, path: Path, record: dict) -> Path:
     """Write the state dict atomically, then its sidecar with the sha256 of the bytes written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    digest = sha256_of(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        digest = sha256_of(tmp)
     write_json_atomic(sidecar(path), {"sha256": digest, "file": path.name, **record})
     return path
 
@@ -139,29 +149,30 @@ def train(cfg: ClassifierConfig) -> dict:
     cfg.validate()
     from accelerate import Accelerator
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    d, o, r = cfg.data, cfg.optim, cfg.run
+    if r.num_threads:
+        torch.set_num_threads(r.num_threads)
 
-    root = cfg.data_dir or None
+    root = d.data_dir or None
     train_x, train_y = load_mnist("train", root)
     test_x, test_y = load_mnist("test", root)
     train_set = TensorDataset(to_unit_range(train_x), train_y)   # (60000, 1, 28, 28) in [-1, 1]
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(r.seed)
     model = MnistCNN()
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    steps = len(loader) * cfg.epochs if cfg.max_steps == 0 else min(cfg.max_steps, len(loader) * cfg.epochs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps)
+    loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(r.seed))
+    steps = len(loader) * o.epochs if o.max_steps == 0 else min(o.max_steps, len(loader) * o.epochs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=o.lr, total_steps=steps)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    shifts = torch.Generator().manual_seed(cfg.seed + 1)
+    shifts = torch.Generator().manual_seed(r.seed + 1)
 
     t0, step = time.perf_counter(), 0
     model.train()
     while step < steps:
         for x, y in loader:
-            x = random_shift(x.cpu(), cfg.shift, shifts).to(accelerator.device)
+            x = random_shift(x.cpu(), d.shift, shifts).to(accelerator.device)
             loss = F.cross_entropy(model(x), y)       # softmax + NLL of the true digit
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -176,8 +187,8 @@ def train(cfg: ClassifierConfig) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     test_acc = accuracy(unwrapped, to_unit_range(test_x), test_y)
     record = {"test_accuracy": round(test_acc, 4), "steps": step, "train_seconds": round(time.perf_counter() - t0, 1),
-              "torch": torch.__version__, "command": RETRAIN, "config": asdict(cfg)}
-    out = Path(cfg.out) if Path(cfg.out).is_absolute() else Path.cwd() / cfg.out
+              "torch": torch.__version__, "command": RETRAIN, "config": flatten(cfg)}
+    out = Path(r.out) if Path(r.out).is_absolute() else Path.cwd() / r.out
     save_weights(unwrapped.cpu(), out, record)
     if test_acc < TARGET_ACCURACY:
         print(f"warning: test accuracy {test_acc:.4f} is below the {TARGET_ACCURACY:.2f} target", file=sys.stderr)
@@ -185,7 +196,7 @@ def train(cfg: ClassifierConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(ClassifierConfig, argv, description=__doc__.splitlines()[0], prog="trainers/classifier.py")
+    cfg = parse(ClassifierConfig, argv, prog="trainers/classifier.py", description=__doc__.splitlines()[0])
     record = train(cfg)
     print(f"test accuracy {record['test_accuracy']:.4f} after {record['steps']} steps in "
           f"{record['train_seconds']:.0f}s -> {record['out']} (sha256 in {sidecar(Path(record['out'])).name})")
