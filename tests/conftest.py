@@ -32,6 +32,13 @@ def run_script(args, cwd=ROOT, timeout=300, **env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def rank_facts(run_dir: Path) -> dict:
+    """``{name: [rank 0's value, rank 1's, ...]}``: what a run launched with PALGAN_DEBUG=1 gathered
+    from every rank at its end (hashes of each rank's weights and first batch, images scored, ...)."""
+    import json
+    return json.loads((Path(run_dir) / "debug.json").read_text())
+
+
 def assert_usage_error(proc, *needles):
     """Exit code 2, one line on stderr, no traceback, naming what was wrong."""
     err = proc.stderr.strip()

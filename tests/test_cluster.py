@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_usage_error, clean_env
+from conftest import rank_facts, ROOT, assert_usage_error, clean_env
+from trainers.cli import build
 from trainers.lstm import LSTMConfig, train_batch
-from trainers.runtime import fingerprint
+from trainers.debug import fingerprint
 
 SWEEP = ["tune/lstm_sweep.py", "--models", "lstm", "--seq-lengths", "4,5", "--hidden-dims", "6",
          "--forget-biases", "1", "--num-samples", "1", "--batch-size", "16", "--val-size", "100",
@@ -35,7 +36,7 @@ def free_port() -> int:
 def cluster_env(home: Path, **extra) -> dict:
     """A user's shell on a cluster machine: its own home (and so its own ~/.ray/auth_token), no Ray
     auth variables; the LSTM's compiled step ops keep their usual cache."""
-    env = clean_env(HOME=str(home), WANDB_MODE="offline", TORCH_DISTRIBUTED_DEBUG="DETAIL",
+    env = clean_env(HOME=str(home), WANDB_MODE="offline", TORCH_DISTRIBUTED_DEBUG="DETAIL", PALGAN_DEBUG="1",
                     TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                         os.path.expanduser("~/.cache/torch_extensions")),
                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -308,10 +309,10 @@ def test_slurm_sigterm_reaches_the_trainers_then_the_requeued_job_resumes(tmp_pa
     assert f"resuming slurm-palgan-7 from step {stopped['steps']}" in (logs / "node0.out").read_text()
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["finished"] and m["steps"] == 300
-    assert len(m["rank_weight_fingerprints"]) == 2 and len(set(m["rank_weight_fingerprints"])) == 1
-    cfg = LSTMConfig(batch_size=16)      # each node's rank drew its own (seed, rank, step) stream
-    assert m["rank_data_fingerprints"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
-    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
+    assert len(rank_facts(run)["weights"]) == 2 and len(set(rank_facts(run)["weights"])) == 1
+    cfg = build(LSTMConfig, batch_size=16)      # each node's rank drew its own (seed, rank, step) stream
+    assert rank_facts(run)["first_batch"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
+    assert rank_facts(run)["first_batch"][0] != rank_facts(run)["first_batch"][1]
     assert len(list(run.glob("wandb/offline-run-*"))) == 2        # one per start of the job, rank 0's
     assert (logs / "node0.out").read_text().count("val/acc") == 1
     print(f"SLURM job on two stub nodes, the requeued start to step 300: {wall:.1f}s")

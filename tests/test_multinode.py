@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, assert_usage_error, clean_env
+from conftest import rank_facts, ROOT, assert_usage_error, clean_env
 
 MULTINODE = ROOT / "launch" / "multinode.yaml"
 RDZV_TIMEOUT = 120   # what a node waits for the main node; the recipe's 300 s, shrunk
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    return clean_env(TORCH_DISTRIBUTED_DEBUG="DETAIL",
+    return clean_env(TORCH_DISTRIBUTED_DEBUG="DETAIL", PALGAN_DEBUG="1",
                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
@@ -116,8 +116,8 @@ def test_gan_with_defaults_on_two_nodes_sigterm_to_both_then_resume(tmp_path):
     assert codes == [0, 0], read(tmp_path / "resume", "node0.err")[-3000:] + read(tmp_path / "resume", "node1.err")[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["finished"] and m["steps"] == 2 * 10   # 640 images / 2 ranks / batch 32
-    assert len(set(m["rank_weight_fingerprints"])) == 1                      # weights and BN buffers
-    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
+    assert len(set(rank_facts(run)["weights"])) == 1                      # weights and BN buffers
+    assert rank_facts(run)["first_batch"][0] != rank_facts(run)["first_batch"][1]
     assert set(m["stages"]) == {"0", "1", "2"} and all("eval/fid" in s for s in m["stages"].values())
     assert "fid" in m["final"]
     assert_one_writer(run, tmp_path / "resume", "images/s")

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, clean_env, free_port, run_script, signal_when, wait_for
+from conftest import rank_facts, ROOT, clean_env, free_port, run_script, signal_when, wait_for
+from trainers.cli import build
 from trainers.lstm import LSTMConfig, train_batch
-from trainers.runtime import fingerprint
+from trainers.debug import fingerprint
 
 TWO_PROCS = ROOT / "launch" / "cpu_2proc.yaml"
-DETAIL = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"}
+DETAIL = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "PALGAN_DEBUG": "1"}   # collective checks; per-rank facts in debug.json
 
 
 def launch_cmd(args, launcher: str = "accelerate") -> list[str]:
@@ -115,11 +116,11 @@ def test_lstm_two_processes_stop_on_sigterm_to_the_launcher_then_resume_and_fini
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["steps"] == 400 and m["finished"]
     # every rank ends with the same weights, bit for bit
-    assert len(m["rank_weight_fingerprints"]) == 2 and len(set(m["rank_weight_fingerprints"])) == 1
+    assert len(rank_facts(run)["weights"]) == 2 and len(set(rank_facts(run)["weights"])) == 1
     # the ranks saw different batches: exactly the (seed, rank, step) streams
-    cfg = LSTMConfig(batch_size=16)
-    assert m["rank_data_fingerprints"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
-    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
+    cfg = build(LSTMConfig, batch_size=16)
+    assert rank_facts(run)["first_batch"] == [fingerprint(*train_batch(cfg, r, 1)) for r in range(2)]
+    assert rank_facts(run)["first_batch"][0] != rank_facts(run)["first_batch"][1]
     # one wandb run, one summary line: rank 0 alone logs and prints
     assert len(list(run.glob("wandb/offline-run-*"))) == 2          # the first launch's and the resume's
     assert done.stdout.count("val/acc") == 1
@@ -143,7 +144,7 @@ def test_lstm_under_torchrun_a_killed_rank_ends_the_job_and_resume_finishes(tmp_
     done = launch([*args, "--resume"], launcher="torchrun")
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
-    assert m["finished"] and m["steps"] == 600 and len(set(m["rank_weight_fingerprints"])) == 1
+    assert m["finished"] and m["steps"] == 600 and len(set(rank_facts(run)["weights"])) == 1
 
 
 def test_a_stuck_collective_ends_the_job_with_one_line_within_the_timeout(tmp_path):
@@ -316,8 +317,8 @@ def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(
     run, proc, _, resumed_from = gan_two_procs
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and m["finished"] and m["steps"] == 2 * 10   # 640 / 2 ranks / batch 32
-    assert len(set(m["rank_weight_fingerprints"])) == 1                      # weights and BN buffers
-    assert m["rank_data_fingerprints"][0] != m["rank_data_fingerprints"][1]
+    assert len(set(rank_facts(run)["weights"])) == 1                      # weights and BN buffers
+    assert rank_facts(run)["first_batch"][0] != rank_facts(run)["first_batch"][1]
     assert proc.stdout.count("images/s") == 1                                 # one summary line, rank 0's
     assert len(list(run.glob("wandb/offline-run-*"))) == 2                    # one per launch
     for name in ("samples/epoch_000.png", "samples/epoch_001.png", "samples/epoch_002.png", "samples/final.png",
@@ -330,10 +331,10 @@ def test_gan_two_processes_with_defaults_write_one_run_and_share_the_evaluation(
     # the first launch wrote at stage 0); rank 0 alone labels the 8 walks of 9 frames
     stages_here = [e for e in (1, 2) if 10 * e > resumed_from]
     one_process = gm.FLOOR_SAMPLES + len(stages_here) * 200 + 400 + gw.ENDPOINT_DRAWS
-    assert m["eval_images_per_rank"] == [one_process // 2 + 8 * 9, one_process // 2]
+    assert rank_facts(run)["images_scored"] == [one_process // 2 + 8 * 9, one_process // 2]
     # BatchNorm all-reduces only in the training step (G: 5 layers; D: 4 layers on real, fake, and fake
     # again for G; forward and backward): the evaluation's passes run in eval mode and never sync
-    assert m["bn_allreduce_calls"] == 2 * (5 + 3 * 4) * (m["steps"] - resumed_from)
+    assert rank_facts(run)["bn_allreduce_calls"][0] == 2 * (5 + 3 * 4) * (m["steps"] - resumed_from)
 
 
 def test_gan_two_process_evaluation_equals_one_process(gan_two_procs, one_process_scorer):

@@ -190,6 +190,7 @@ def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
 
+    from trainers.cli import from_saved
     from trainers.lstm import LSTMConfig, build_model, validation_set
 
     proc = run_script(["trainers/lstm.py", "--hidden-dim", "16", "--steps", "40", "--eval-every", "20",
@@ -207,7 +208,7 @@ def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
     assert run["charts"] == {"gates/mean": "wandb/lineseries/v0"}
 
     # the plotted means are those of the saved weights on the first validation palindrome, computed here
-    cfg = LSTMConfig(**{k: v for k, v in metrics["config"].items() if k in LSTMConfig.__dataclass_fields__})
+    cfg = from_saved(LSTMConfig, metrics["config"])
     model = build_model(cfg).eval()
     model.load_state_dict(load_file(tmp_path / "l" / "checkpoints" / "step_00000040" / "model.safetensors"))
     x, _ = validation_set(cfg)[0:1]
@@ -222,5 +223,5 @@ def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
     assert set(lines) == set(labels)
     for label, key in labels.items():
         expected = states[key][0].mean(1)                   # (T-1,): mean over units per step
-        assert [t for t, _ in lines[label]] == list(range(cfg.seq_length - 1))
+        assert [t for t, _ in lines[label]] == list(range(cfg.data.seq_length - 1))
         assert [v for _, v in lines[label]] == pytest.approx(expected.tolist(), abs=1e-6), label

@@ -280,6 +280,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     accelerator = make_accelerator(o.mixed_precision, cfg.log.wandb, run_dir,
                                    [DistributedDataParallelKwargs(broadcast_buffers=False)], cfg.run.dist_timeout)
     rank, world, device, config = accelerator.process_index, accelerator.num_processes, accelerator.device, flatten(cfg)
+    config["mixed_precision"] = accelerator.mixed_precision   # what ran: the flag, or accelerate launch's
     shards = Shards(accelerator)   # how the ranks share the evaluation
     iters = iterations_per_epoch(len(images), o.batch_size, world)
     if iters < 1:

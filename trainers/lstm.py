@@ -222,6 +222,7 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     run_dir, ckpt_dir, best_dir = cfg.run_dir, cfg.run_dir / "checkpoints", cfg.run_dir / "checkpoints" / BEST
     accelerator = make_accelerator(cfg.optim.mixed_precision, cfg.log.wandb, run_dir, dist_timeout=cfg.run.dist_timeout)
     rank, config = accelerator.process_index, flatten(cfg)
+    config["mixed_precision"] = accelerator.mixed_precision   # what ran: the flag, or accelerate launch's
     model = build_model(cfg)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.optim.lr)
     val_loader = DataLoader(validation_set(cfg), batch_size=1000, shuffle=False)
