@@ -23,7 +23,7 @@ from trainers.gan import (GANConfig, epoch_batches, fixed_noise, load_generator,
                           make_config, parse_train_args, train)
 from trainers.gan_plots import plot_losses, plot_stages
 from trainers.gan_sampling import BN_CALIBRATION, calibrate_batchnorm, generate, save_grid
-from trainers.tracking import read_offline_run
+from wandb_files import read_offline_run
 
 # a few seconds per run: b=4, 512 images, batches of 32 -> 16 iterations per epoch
 TINY = dict(preset="cpu-demo", base_channels=4, batch_size=32, train_subset=512, epochs=2, stages="0,1,2",

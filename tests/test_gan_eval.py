@@ -23,7 +23,7 @@ from trainers.cli import UsageError, run_cli
 from trainers.gan_evaluate import evaluate_main
 from trainers.gan_interpolate import interpolate_main
 from trainers.gan_sampling import BN_CALIBRATION, BN_STREAM, calibrate_batchnorm, load_generator_state, noise
-from trainers.tracking import read_offline_run
+from wandb_files import read_offline_run
 
 # --- SLERP ------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import trainers.lstm as lstm_trainer
 from trainers.cli import UsageError, build
 from trainers.lstm import LSTMConfig, build_model, train, validation_set
-from trainers.tracking import read_offline_run
+from wandb_files import read_offline_run
 
 
 def tiny(tmp_path, **kw) -> LSTMConfig:

@@ -19,7 +19,7 @@ from trainers.lstm_plots import plot_curves, plot_gates
 from trainers.lstm import (LSTMConfig, build_model, main, palindromes, train, train_batch,
                            validation_set)
 from trainers.runtime import generator_for
-from trainers.tracking import read_offline_run
+from wandb_files import read_offline_run
 
 TINY = ["--hidden-dim", "16", "--val-size", "200", "--batch-size", "32", "--no-progress"]
 

@@ -13,8 +13,8 @@ import pytest
 from conftest import run_script
 
 from trainers.runtime import make_accelerator
-from trainers.tracking import (BAR_COLUMNS, NullTracker, WandbTracker, bar_rows, leet_summary,
-                               read_offline_run, start_tracker)
+from trainers.tracking import BAR_COLUMNS, NullTracker, WandbTracker, bar_rows, start_tracker
+from wandb_files import leet_summary, read_offline_run
 
 
 def _png(path, seed):
