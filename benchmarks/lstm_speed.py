@@ -41,6 +41,7 @@ from torch import nn
 from models import lstm_kernels
 from models.lstm import LSTM
 from models.lstm_fused import WORKSPACE
+from trainers.files import write_text_atomic
 
 INPUT_DIM = 10      # one-hot digits, as in the trainer
 NUM_CLASSES = 10
@@ -368,9 +369,7 @@ def main(argv=None) -> list[dict]:
                 "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "clock": args.clock,
                 "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
         log(f"wrote {args.json}")
     return rows
 

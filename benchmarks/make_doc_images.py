@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trainers.files import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 
@@ -50,9 +52,8 @@ def shrink(src: Path, dst: Path, width: int) -> None:
     if img.width > width:
         img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.stem}.tmp{dst.suffix}")
-    img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        img.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(tmp, optimize=True)
     print(f"{dst.relative_to(ROOT)}: {img.width}x{img.height}, {dst.stat().st_size / 1024:.0f} KiB")
 
 

@@ -11,10 +11,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from trainers.cli import UsageError
-from trainers.files import write_json_atomic  # noqa: F401 - re-exported for the trainers
+from trainers.files import publish, write_json_atomic
 
 META = "palgan.json"
 PREFIX = "step_"
@@ -46,9 +45,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: 
     if accelerator.is_main_process:
         write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {},
                                        "processes": accelerator.num_processes})
-        if final.exists():  # re-saving the same step (e.g. end of run right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)   # re-saving the same step (the end of a run right after a save) replaces it
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -22,14 +22,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():   # a folder replaces a folder: os.replace needs it gone
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Rename a finished temporary file or folder onto ``path`` in one step (a folder replaces a folder)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.is_dir() and tmp.is_dir():   # os.replace needs the old folder gone
+        shutil.rmtree(path)
+    os.replace(tmp, path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
