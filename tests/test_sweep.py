@@ -3,10 +3,10 @@ grid point against plain ASHA, bad input. One local Ray session (2 CPUs) is shar
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import time
-from dataclasses import fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,15 +15,18 @@ import pytest
 from ray.tune.callback import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from trainers.cli import UsageError, parse_config, run_cli
-from trainers.lstm import LSTMConfig
-from trainers.tracking import read_offline_run
+from trainers.cli import UsageError, build, flatten, from_saved, override, parse, run_cli
+from trainers.lstm import LSTMConfig, train
+from wandb_files import read_offline_run
 from tune.asha import GroupedASHA
-from tune.lstm_sweep import NOT_REPRODUCED, SweepConfig, main, run_sweep
+from tune.lstm_sweep import SweepConfig, main, run_sweep
+from tune.report import NOT_REPRODUCED
+from tune.report import main as report_main
 
-TINY = dict(hidden_dims="6", num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
+TINY = dict(hidden_dims=(6,), num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
             val_size=100)
-TINY_FLAGS = [x for k, v in TINY.items() for x in ("--" + k.replace("_", "-"), str(v))]
+TINY_FLAGS = [x for k, v in TINY.items()
+              for x in ("--" + k.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)]))]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +97,9 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
         assert float(r["best_val_acc"]) == pytest.approx(max(accs))
         reached = [rep["step"] for rep in reports if rep["val/acc"] >= 0.99]
         assert r["steps_to_99"] == (str(reached[0]) if reached else "")
-        assert SweepConfig().lr_min <= float(r["lr"]) <= SweepConfig().lr_max and r["hidden_dim"] == "6"
-        first_bias = float(SweepConfig().forget_biases.split(",")[0])   # draw 0 takes the first in the list
+        space = SweepConfig().search
+        assert space.lr_min <= float(r["lr"]) <= space.lr_max and r["hidden_dim"] == "6"
+        first_bias = space.forget_biases[0]   # draw 0 takes the first in the list
         assert r["forget_bias"] == (str(first_bias) if r["model"] == "lstm" else "")
         # the trainer's own record of the trial agrees with what Tune received
         run_dir = Path(r["run_dir"])
@@ -126,15 +130,17 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
     for model in ("lstm", "rnn"):
         entry = best_json["cells"][model]["4"]
         assert entry["best_val_acc"] == pytest.approx(best[model])
-        cfg = LSTMConfig(**entry["config"])          # a trainer config that can be rerun as it is
+        assert set(entry["config"]) == set(flatten(LSTMConfig()))   # every trainer flag, no other
+        cfg = from_saved(LSTMConfig, entry["config"])          # a trainer config that can be rerun as it is
         cfg.validate()
-        assert (cfg.model, cfg.seq_length, cfg.hidden_dim, cfg.lr) == (model, 4, 6, float(entry["lr"]))
+        assert (cfg.model.model, cfg.data.seq_length, cfg.model.hidden_dim, cfg.optim.lr) == \
+            (model, 4, 6, float(entry["lr"]))
         # ... and the command line that rebuilds it, but for where it writes and how it shows
-        rebuilt = parse_config(LSTMConfig, entry["argv"], "")
+        rebuilt = parse(LSTMConfig, entry["argv"], prog="", description="")
         keep = set(NOT_REPRODUCED)
         assert keep <= {"out_dir", "run_name", "wandb_group", "wandb_job_type", "progress", "resume"}
-        assert {f.name: getattr(rebuilt, f.name) for f in fields(LSTMConfig) if f.name not in keep} == \
-            {f.name: getattr(cfg, f.name) for f in fields(LSTMConfig) if f.name not in keep}
+        assert {k: v for k, v in flatten(rebuilt).items() if k not in keep} == \
+            {k: v for k, v in flatten(cfg).items() if k not in keep}
         assert entry["command"] == " ".join(["python trainers/lstm.py", *entry["argv"]])
 
     summary = finished_run(sweep)
@@ -148,13 +154,25 @@ def test_tiny_sweep_writes_every_output(ray_session, tmp_path, capsys):
     assert summary["summary"]["trials/completed"] + summary["summary"]["trials/solved"] == 2
     assert "| LSTM |" in capsys.readouterr().out
 
+    # the report on its own, from the sweep folder alone, writes the same files (but for the wall clock)
+    written = {name: (sweep / name).read_text() for name in ("results.csv", "table.md", "best.json")}
+    for name in written:
+        (sweep / name).unlink()
+    run_cli(report_main, [str(sweep), "--no-wandb"])
+    assert {name: (sweep / name).read_text() for name in ("results.csv", "best.json")} == \
+        {name: written[name] for name in ("results.csv", "best.json")}
+    table = (sweep / "table.md").read_text()
+    assert table.splitlines()[1:] == written["table.md"].splitlines()[1:] and "| LSTM |" in capsys.readouterr().out
+    assert "wall clock" in written["table.md"].splitlines()[0] and "wall clock" not in table.splitlines()[0]
+    assert len(offline_runs(sweep)) == 1                                  # --no-wandb: no second summary run
+
 
 def test_solved_and_culled_trials_end_themselves_with_finished_records(ray_session, tmp_path):
     # T=2 is learnt in a few dozen steps at lr 1e-2; every T=5 trial is still far from 90% at step 20,
     # so the floor culls it there if ASHA has not culled it at step 10.
-    sc = SweepConfig(models="lstm", seq_lengths="2,5", hidden_dims="8", num_samples=2, steps=100, eval_every=10,
-                     grace_period=10, batch_size=32, val_size=200, lr_min=9e-3, lr_max=1.1e-2, floor_acc=0.9,
-                     floor_step=20, out_dir=str(tmp_path), name="ends")
+    sc = build(SweepConfig, models=("lstm",), seq_lengths=(2, 5), hidden_dims=(8,), num_samples=2, steps=100,
+               eval_every=10, grace_period=10, batch_size=32, val_size=200, lr_min=9e-3, lr_max=1.1e-2,
+               floor_acc=0.9, floor_step=20, out_dir=str(tmp_path), name="ends")
     outcome = run_sweep(sc, verbose=0)
     rows = {(int(r["seq_length"]), r["draw"]): r for r in outcome["rows"]}
     assert len(rows) == 4 and outcome["unfinished"] == 0
@@ -163,7 +181,7 @@ def test_solved_and_culled_trials_end_themselves_with_finished_records(ray_sessi
         metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
         run = finished_run(Path(r["run_dir"]))
         assert run["exit_code"] == 0 and run["summary"]["stop_reason"] == metrics["stop_reason"] == r["status"]
-        assert metrics["steps"] == reports[-1]["step"] < sc.steps       # ended at its last report
+        assert metrics["steps"] == reports[-1]["step"] < sc.trial.steps       # ended at its last report
         assert metrics["best_val_acc"] == pytest.approx(max(rep["val/acc"] for rep in reports))
         if t == 5:   # culled against its grid point's other draw at the first rung, or by the floor
             assert r["status"] in ("culled by ASHA", "culled by ASHA: below 0.9 at step 20")
@@ -176,7 +194,7 @@ def test_solved_and_culled_trials_end_themselves_with_finished_records(ray_sessi
     # each draw of a grid point trains from its own seed, with the next forget bias of the list
     configs = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["config"]
                for (t, _), r in sorted(rows.items()) if t == 5]
-    biases = [float(b) for b in sc.forget_biases.split(",")]
+    biases = list(sc.search.forget_biases)
     assert [c["seed"] for c in configs] == [0, 1] and [c["forget_bias"] for c in configs] == biases[:2]
     assert all(r["forget_bias"] == biases[r["draw"]] for r in rows.values())
 
@@ -229,8 +247,8 @@ class Chaos(Callback):
 
 def test_crashed_and_interrupted_trials_resume_and_each_runs_once(ray_session, tmp_path):
     # cpus_per_trial=2 on 2 CPUs: one trial at a time, so the faults land at known places.
-    sc = SweepConfig(models="lstm", seq_lengths="3,4", **{**TINY, "steps": 40}, cpus_per_trial=2,
-                     wandb=False, out_dir=str(tmp_path), name="cut")
+    sc = build(SweepConfig, models=("lstm",), seq_lengths=(3, 4), **{**TINY, "steps": 40}, cpus_per_trial=2,
+               wandb=False, out_dir=str(tmp_path), name="cut")
     first = run_sweep(sc, callbacks=[Chaos(tmp_path)], verbose=0)
     assert (tmp_path / "killed").exists() and (tmp_path / "interrupted").exists()
     assert first["unfinished"] == 1
@@ -239,7 +257,7 @@ def test_crashed_and_interrupted_trials_resume_and_each_runs_once(ray_session, t
 
     with pytest.raises(UsageError, match="--resume"):     # never started over by accident
         run_sweep(sc, verbose=0)
-    second = run_sweep(replace(sc, resume=True, seq_lengths="99"), verbose=0)   # search flags: saved ones
+    second = run_sweep(override(sc, resume=True, seq_lengths=(99,)), verbose=0)   # search flags: saved ones
     assert second["unfinished"] == 0 and second["trials"] == 2
 
     rows = list(csv.DictReader(open(sweep / "results.csv")))
@@ -312,18 +330,57 @@ def test_bad_input_gives_one_line_and_exit_2(flags, needle, tmp_path, capsys):
     assert "Traceback" not in err and not any(tmp_path.iterdir())      # nothing written
 
 
-def test_a_restarted_trial_ignores_a_tune_checkpoint_cut_short_by_a_dying_head(tmp_path):
-    """The head died while Tune persisted a trial's checkpoint: Tune hands back a folder without its
-    pointer file (or without the trainer's files). The trial continues from its run folder's own latest
-    checkpoint instead of failing; with neither, it starts from step 0."""
+def test_an_out_dir_that_is_a_file_stops_the_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
     import tune.lstm_sweep as sweep
-    cfg = LSTMConfig(out_dir=str(tmp_path / "trials"), run_name="t")
-    cut_short = tmp_path / "tune" / "checkpoint_000005"
-    cut_short.mkdir(parents=True)                                        # no pointer file
-    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 0 and not cfg.resume
-    local = cfg.run_dir / "checkpoints" / "step_00000080"
-    local.mkdir(parents=True)
-    (local / "palgan.json").write_text(json.dumps({"step": 80}))
-    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 80 and cfg.resume
-    (cut_short / sweep.POINTER).write_text(json.dumps({"checkpoint": "step_00000090"}))   # named, never copied
-    assert sweep.restore_trainer_checkpoint(cfg, cut_short) == 80
+
+    monkeypatch.setattr(sweep, "connect_ray", lambda sc: pytest.fail("Ray was started"))
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--out-dir", str(a_file)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.endswith(f"error: --out-dir {a_file} is a file; pass a folder path"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and a_file.read_text() == "not a folder"
+
+
+def test_a_restarted_trial_continues_from_its_run_folders_latest_checkpoint(tmp_path):
+    """Where a (re)started trial's trainer continues, read from its run folder alone: nowhere once the
+    run had ended, else its latest complete checkpoint, else step 0 with what an attempt without a
+    checkpoint left cleared, so that the trainer starts afresh there. The reports Tune may have lost
+    are rebuilt from the checkpoint's history exactly as the trainer made them."""
+    from tune.lstm_sweep import lost_reports, start_step
+
+    cfg = build(LSTMConfig, out_dir=str(tmp_path), run_name="t", steps=40, eval_every=10, checkpoint_every=10,
+                log_every=15, hidden_dim=6, batch_size=16, val_size=100, wandb=False, progress=False)
+    ckpts = cfg.run_dir / "checkpoints"
+    made = []
+    train(cfg, on_eval=lambda step, metrics, ckpt: made.append({**metrics, "step": step}))
+    assert [m["step"] for m in made] == [10, 20, 30, 40] and "train/loss" not in made[0] and "train/loss" in made[1]
+    assert lost_reports(cfg.run_dir, 0) == made and lost_reports(cfg.run_dir, 20) == made[2:]
+    assert lost_reports(cfg.run_dir, 40) == []
+    assert start_step(cfg.run_dir) is None                          # finished: nothing to redo
+    shutil.rmtree(ckpts / "step_00000040")                          # as if killed after step 30's checkpoint ...
+    (cfg.run_dir / "metrics.json").write_text(json.dumps({"stop_reason": "failed", "finished": False}))
+    (ckpts / ".tmp-step_00000040").mkdir()                          # ... while writing step 40's
+    assert lost_reports(cfg.run_dir, 10) == made[1:3]
+    assert start_step(cfg.run_dir) == 30 and not (cfg.run_dir / "metrics.json").exists()
+    assert train(override(cfg, resume=True))["steps"] == 40
+    for step in ("step_00000020", "step_00000030", "step_00000040"):   # no complete checkpoint left
+        shutil.rmtree(ckpts / step)
+    (cfg.run_dir / "metrics.json").unlink()
+    assert lost_reports(cfg.run_dir, 0) == [] and start_step(cfg.run_dir) == 0
+    assert not ckpts.exists()                                       # best/ and .tmp-* are gone too
+    assert train(cfg)["steps"] == 40                                # a fresh start is not refused
+
+
+def test_tune_record_is_handed_to_each_starting_trial(tmp_path):
+    from tune.record import RecordedSteps, recorded_step
+
+    callback = RecordedSteps(str(tmp_path / "recorded"), "step")
+    assert recorded_step(tmp_path / "recorded", "a") == 0             # nothing written: nothing recorded
+    callback.on_trial_start(0, [], SimpleNamespace(trial_id="a", last_result={}))
+    callback.on_trial_start(0, [], SimpleNamespace(trial_id="b", last_result={"step": 30, "val/acc": 0.5}))
+    assert recorded_step(tmp_path / "recorded", "a") == 0 and recorded_step(tmp_path / "recorded", "b") == 30
+    callback.on_trial_start(0, [], SimpleNamespace(trial_id="b", last_result={"step": 40}))   # restarted later
+    assert recorded_step(tmp_path / "recorded", "b") == 40

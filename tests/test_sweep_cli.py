@@ -107,10 +107,10 @@ def test_sweep_script_starts_and_stops_its_own_ray_and_asha_culls_within_a_grid_
 def test_ctrl_c_stops_the_quick_sweep_with_exit_code_130_and_a_line_on_resuming(tmp_path):
     child = sweep_script(["--models", "lstm", "--num-samples", "2", "--steps", "100000", "--num-cpus", "2",
                           "--name", "cut"], tmp_path)
-    tune_dir = tmp_path / "sweeps" / "cut" / "tune"
+    trials = tmp_path / "sweeps" / "cut" / "trials"
 
-    def first_report() -> bool:
-        return any(p.stat().st_size > 0 for p in tune_dir.glob("*/result.json"))
+    def first_report() -> bool:   # a trial's first checkpoint: its report to Tune follows at once
+        return any(trials.glob("*/checkpoints/step_*"))
 
     signal_when(child, first_report, signal.SIGINT, "the first trial's first report to Tune", timeout=300)
     out, err = finish(child, timeout=300)

@@ -247,6 +247,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                disable=not (cfg.run.progress and accelerator.is_local_main_process))
     window_loss, window_hits, window_n = 0.0, 0.0, 0
     last_train, last_val, step, reason = {}, {}, start, None   # reason: why the loop ended early
+    for row in history:   # a resumed run goes on (or ends at once) with the scalars it had logged last
+        (last_val if "val/acc" in row else last_train).update({k: v for k, v in row.items() if k != "step"})
 
     def checkpoint(folder: Path, at: int, keep: int) -> Path:
         return save_checkpoint(accelerator, folder, at, config, keep, extra={"history": history, "wall_time": wall()})

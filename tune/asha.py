@@ -18,11 +18,12 @@ Imports ray at module level: import this module lazily (ray is optional for trai
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, Hashable
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from trainers.files import write_text_atomic
 
 
 CULLED_BY_ASHA = "culled by ASHA"
@@ -77,16 +78,9 @@ class GroupedASHA(FIFOScheduler):
         if action == TrialScheduler.STOP:
             self.num_stopped += 1
             if self.cull_dir:
-                self.write_verdict(trial.trial_id, verdict)
+                write_text_atomic(Path(self.cull_dir) / trial.trial_id, verdict + "\n")
                 return TrialScheduler.CONTINUE   # the trial reads the verdict and ends itself
         return action
-
-    def write_verdict(self, trial_id: str, verdict: str) -> None:
-        path = Path(self.cull_dir) / trial_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{trial_id}.tmp")
-        tmp.write_text(verdict + "\n")
-        os.replace(tmp, path)
 
     def on_trial_complete(self, tune_controller, trial, result: Dict):
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)

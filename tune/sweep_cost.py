@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
-from trainers.cli import parse_config, run_cli
+from trainers.cli import build, run_cli
 from trainers.lstm import LSTMConfig, build_model, train_batch, validation_set
-from tune.lstm_sweep import SweepConfig, apply_quick, lengths_of, parse_ints, parse_models
+from tune.lstm_sweep import hidden_dims, lengths_of, parse_sweep
 
 ROUNDS = 3          # timing rounds per point; the median is kept
 STEPS_PER_ROUND = 5  # training steps per round
@@ -34,7 +29,7 @@ STEPS_PER_ROUND = 5  # training steps per round
 def time_point(cfg: LSTMConfig) -> tuple[float, float]:
     """(seconds per training step, seconds per validation pass) for one config."""
     model = build_model(cfg)
-    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=cfg.optim.lr)
     x, y = train_batch(cfg, 0, 1)
     val_x, _ = validation_set(cfg).tensors
 
@@ -60,33 +55,32 @@ def time_point(cfg: LSTMConfig) -> tuple[float, float]:
 
 
 def main(argv=None) -> dict:
-    sc = apply_quick(parse_config(SweepConfig, argv, description=__doc__.splitlines()[0],
-                                  prog="tune/sweep_cost.py"))
-    torch.set_num_threads(max(1, int(sc.cpus_per_trial)))
-    hiddens = parse_ints(sc.hidden_dims, "hidden_dims", 1)
-    evals = -(-sc.steps // sc.eval_every)
+    sc = parse_sweep(argv, prog="tune/sweep_cost.py", description=__doc__.splitlines()[0])
+    s, tr, sch = sc.search, sc.trial, sc.scheduling
+    models = list(dict.fromkeys(s.models))
+    torch.set_num_threads(max(1, int(sch.cpus_per_trial)))
+    evals = -(-tr.steps // tr.eval_every)
     print(f"{'model':>5} {'T':>3} {'H':>4} {'ms/step':>8} {'s/eval':>7} {'trial min':>9}")
     per_cell: dict[tuple[str, int], float] = {}
-    for model in parse_models(sc.models):
+    for model in models:
         for t in lengths_of(sc, model):
             trial_s = []
-            for h in hiddens:
-                cfg = LSTMConfig(model=model, seq_length=t, hidden_dim=h, batch_size=sc.batch_size,
-                                 val_size=sc.val_size, seed=sc.seed, input_encoding=sc.input_encoding)
+            for h in hidden_dims(sc):
+                cfg = build(LSTMConfig, model=model, seq_length=t, hidden_dim=h, batch_size=tr.batch_size,
+                            val_size=tr.val_size, seed=tr.seed, input_encoding=tr.input_encoding)
                 step_s, eval_s = time_point(cfg)
-                trial_s.append(sc.steps * step_s + evals * eval_s)
+                trial_s.append(tr.steps * step_s + evals * eval_s)
                 print(f"{model:>5} {t:>3} {h:>4} {1000 * step_s:8.2f} {eval_s:7.3f} {trial_s[-1] / 60:9.1f}",
                       flush=True)
-            per_cell[model, t] = sc.num_samples * statistics.mean(trial_s)   # hidden_dim drawn uniformly
+            per_cell[model, t] = s.num_samples * statistics.mean(trial_s)   # hidden_dim drawn uniformly
     total = sum(per_cell.values())
-    cpus = sc.num_cpus or os.cpu_count() or 1
-    slots = max(1, int(cpus // sc.cpus_per_trial))
-    trials = sc.num_samples * len(per_cell)
-    print(f"{trials} trials x {sc.steps} steps: {total / 3600:.2f} trial-hours (every trial to the end; "
-          f"solved and culled trials end early)")
-    for model in parse_models(sc.models):
+    cpus = sch.num_cpus or os.cpu_count() or 1
+    slots = max(1, int(cpus // sch.cpus_per_trial))
+    print(f"{s.num_samples * len(per_cell)} trials x {tr.steps} steps: {total / 3600:.2f} trial-hours (every trial "
+          "to the end; solved and culled trials end early)")
+    for model in models:
         print(f"  {model}: {sum(v for (m, _), v in per_cell.items() if m == model) / 3600:.2f} trial-hours")
-    print(f"  = {total / 3600 / slots:.2f} h of wall time on {cpus} CPUs at {sc.cpus_per_trial:g} per trial "
+    print(f"  = {total / 3600 / slots:.2f} h of wall time on {cpus} CPUs at {sch.cpus_per_trial:g} per trial "
           f"({slots} trial(s) at once)")
     return {"trial_hours": total / 3600, "per_cell_s": per_cell}
 
