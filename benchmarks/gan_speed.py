@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         for r in range(args.rounds):
             for name, (cfg, loop) in table.items():
                 if loop == "trainer":
-                    speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.override(' ', '_')}")
+                    speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.replace(' ', '_')}")
                 else:
                     if loop == "plain+compile":   # compile outside the timed window
                         plain_train(cfg, images, 3, compile_models=True)
