@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 _CLEARED_PREFIXES = ("WANDB_", "ACCELERATE_")
 
 
+# pytest-xdist (-n 2 in pyproject.toml) runs one file's tests on one worker, so a file's fixtures are
+# built once; the files that start Ray share one worker, so there is one local Ray at a time.
+RAY_FILES = {"test_cluster", "test_sweep", "test_sweep_cli"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = item.module.__name__ if item.module else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+
+
 def clean_env(**extra) -> dict:
     """The environment of a child run: no wandb credentials (so wandb runs offline), no WANDB_*,
     ACCELERATE_* or RAY_ADDRESS settings from the caller's shell, unless a test passes them in ``extra``."""
