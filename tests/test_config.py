@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import assert_usage_error, run_script
-from trainers.cli import Log, Run, build, flatten, parse
+from trainers.cli import Log, Run, UsageError, build, flatten, parse
 from trainers.gan import GANConfig, make_config, parse_train_args
 from trainers.lstm import LSTMConfig
 
@@ -68,8 +68,12 @@ def test_presets_are_config_files_and_flags_win(tmp_path):
 def test_bad_config_files_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_flag: 1\n")
-    assert_usage_error(run_script(["trainers/lstm.py", "--config", bad]), "no_such_flag")
-    assert_usage_error(run_script(["trainers/lstm.py", "--config", tmp_path / "missing.yaml"]), "missing.yaml")
-    bad.write_text("lr: [1, 2\n")
-    assert_usage_error(run_script(["trainers/lstm.py", "--config", bad]), "--config")
-    assert_usage_error(run_script(["trainers/gan.py", "--preset", "nope"]), "--preset")
+    assert_usage_error(run_script(["trainers/lstm.py", "--config", bad]), "no_such_flag")   # as users see it
+    for text, needle in (("lr: [1, 2\n", "is not valid YAML"), ("- 1\n", "mapping")):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=needle):
+            parse(LSTMConfig, ["--config", str(bad)], "x", "x")
+    with pytest.raises(UsageError, match="missing.yaml: cannot read it"):
+        parse(LSTMConfig, ["--config", str(tmp_path / "missing.yaml")], "x", "x")
+    with pytest.raises(UsageError, match="--preset"):
+        parse_train_args(["--preset", "nope"])
