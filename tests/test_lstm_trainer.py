@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when
+from conftest import ROOT, assert_usage_error, clean_env, free_port, run_script, signal_when, wait_for
 from trainers.cli import UsageError, build, from_saved, override, parse, run_cli
 from trainers.lstm_plots import plot_curves, plot_gates
 from trainers.lstm import (LSTMConfig, build_model, main, palindromes, train, train_batch,
@@ -211,6 +211,27 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["steps"] == 600
+
+
+def test_one_writer_per_run_folder_until_the_holder_dies(tmp_path):
+    """While a run trains, a second launch on its folder, with or without --resume, stops with one
+    line naming the process that holds it and leaves the folder alone; SIGKILL frees it."""
+    args = ["trainers/lstm.py", *TINY, "--steps", "1000000", "--eval-every", "100", "--checkpoint-every", "100",
+            "--no-wandb", "--out-dir", tmp_path, "--run-name", "busy"]
+    child = subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=clean_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = tmp_path / "busy"
+    wait_for(child, (run / "checkpoints" / "step_00000100").exists, "the first checkpoint")
+    for extra in (["--resume"], []):
+        assert_usage_error(run_script([*args, *extra]), f"run folder {run} is in use by process {child.pid} on ")
+    assert child.poll() is None, "the first run ended before the second launches were tried"
+    assert not (run / "metrics.json").exists()   # the refused launches wrote no record of their own
+    child.kill()
+    child.communicate()
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    resumed = run_script([*args[:-2], "--run-name", "busy", "--resume", "--steps", str(int(last.name[5:]) + 20)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]   # the kernel released the dead holder's lock
+    assert json.loads((run / "metrics.json").read_text())["finished"]
 
 
 def test_resume_under_another_number_of_processes_is_refused_before_training(tmp_path):

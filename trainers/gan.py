@@ -39,7 +39,7 @@ from trainers.gan_metrics import FULL_SAMPLES, STAGE_SAMPLES, images_scored, sta
 from trainers.gan_plots import plot_run
 from trainers.gan_sampling import (BN_CALIBRATION, calibrate_batchnorm, load_generator_state, noise,
                                    save_grid)
-from trainers.runtime import (Shards, StopFlag, check_run_dir_is_free, collective_failures, generator_for,
+from trainers.runtime import (Shards, StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
 
@@ -257,19 +257,18 @@ def train(cfg: GANConfig) -> dict:
     the final metrics, also written to ``<run>/metrics.json``. A collective that fails or times
     out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept."""
     cfg.validate()
-    check_run_dir_is_free(cfg.run_dir, cfg.run.resume)
-    resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
-    if resume_from is not None:
-        saved = read_meta(resume_from).get("config", {})
+    with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
+        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
+        saved = read_meta(resume_from).get("config", {}) if resume_from is not None else {}
         for name in RESUME_MUST_MATCH:
             if name in saved and saved[name] != flatten(cfg)[name]:
                 raise UsageError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} "
                                  f"{saved[name]}, not {flatten(cfg)[name]}; pass the same value")
-    images = load_train_images(cfg)
-    if cfg.optim.num_threads:
-        torch.set_num_threads(cfg.optim.num_threads)
-    with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
-        return _train(cfg, images, resume_from)
+        images = load_train_images(cfg)
+        if cfg.optim.num_threads:
+            torch.set_num_threads(cfg.optim.num_threads)
+        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+            return _train(cfg, images, resume_from)
 
 
 def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> dict:

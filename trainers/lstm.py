@@ -33,7 +33,7 @@ from trainers.cli import (Log, Run, UsageError, check_choices, flatten, parse, r
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
 from trainers.lstm_plots import plot_curves, plot_gates, state_means
-from trainers.runtime import (StopFlag, check_run_dir_is_free, collective_failures, generator_for,
+from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
 
@@ -210,12 +210,12 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], str | Non
     ends the run there, recorded as the reason (``stop_reason``: completed, solved, interrupted,
     failed, or that string). The best validation's checkpoint is kept in checkpoints/best/."""
     cfg.validate()
-    check_run_dir_is_free(cfg.run_dir, cfg.run.resume)
-    resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
-    if cfg.optim.num_threads:
-        torch.set_num_threads(cfg.optim.num_threads)
-    with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
-        return _train(cfg, resume_from, on_eval)
+    with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
+        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
+        if cfg.optim.num_threads:
+            torch.set_num_threads(cfg.optim.num_threads)
+        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+            return _train(cfg, resume_from, on_eval)
 
 
 def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import traceback
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.cli import DIST_TIMEOUT_S, JobFailure, UsageError, require_writable_dir
+from trainers.cli import DIST_TIMEOUT_S, INPUT_ERRORS, JobFailure, UsageError, require_writable_dir
+from trainers.files import write_text_atomic
 from trainers.tracking import log_with
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -219,6 +221,48 @@ def check_run_dir_is_free(run_dir: Path, resume: bool) -> None:
             or (run_dir / "metrics.json").exists():
         raise UsageError(f"run folder {run_dir} already holds a run; pass --resume to continue it "
                          "or choose another --run-name")
+
+
+LOCK, OWNER = ".palgan.lock", ".palgan.owner"   # in the run folder: the lock, and who holds it
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path, resume: bool):
+    """One writer per run folder: the launch's main process holds an exclusive lock on it for the
+    whole run (``filelock``: an OS lock, gone when the process dies, even on SIGKILL). A second
+    launch on the folder, with or without --resume, stops with one line naming the holder. Then the
+    folder must be free of a finished or checkpointed run unless resuming (``check_run_dir_is_free``).
+    Only the process of global rank 0 locks; the other ranks of its job write nothing there."""
+    import socket
+    from filelock import FileLock, Timeout
+
+    require_writable_dir(run_dir.parent, "--out-dir")
+    require_writable_dir(run_dir, "--run-name")
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = (run_dir / OWNER).read_text().strip() if (run_dir / OWNER).exists() else "another process"
+        raise UsageError(f"run folder {run_dir} is in use by {holder}; wait for that run to end (or stop it), "
+                         "or choose another --run-name") from None
+    try:
+        write_text_atomic(run_dir / OWNER, f"process {os.getpid()} on {socket.gethostname()}\n")
+        check_run_dir_is_free(run_dir, resume)
+        yield
+    except INPUT_ERRORS:   # refused before any work: a folder made for this launch goes again
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK, OWNER}:
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if lock.is_locked:
+            (run_dir / OWNER).unlink(missing_ok=True)
+            lock.release()
 
 
 class StopFlag:
