@@ -241,7 +241,11 @@ def hold_run_dir(run_dir: Path, resume: bool):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    created = not run_dir.exists()
+    made = None   # the outermost folder this launch creates, removed again if it is refused
+    if not run_dir.exists():
+        made = run_dir
+        while not made.parent.exists():
+            made = made.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(run_dir / LOCK, timeout=0)
     try:
@@ -255,9 +259,9 @@ def hold_run_dir(run_dir: Path, resume: bool):
         check_run_dir_is_free(run_dir, resume)
         yield
     except INPUT_ERRORS:   # refused before any work: a folder made for this launch goes again
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK, OWNER}:
+        if made is not None and {p.name for p in run_dir.iterdir()} <= {LOCK, OWNER}:
             lock.release()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(made, ignore_errors=True)
         raise
     finally:
         if lock.is_locked:
