@@ -102,6 +102,8 @@ for step in range(1, 11):
         break
 stop.restore()
 (out / f"rank{rank}.json").write_text(json.dumps({"gathered": gathered, "stopped_at": stopped_at}))
+accelerator.wait_for_everyone()
+accelerator.end_training()   # as the trainers end: the process group goes before the interpreter exits
 '''
 
 
