@@ -18,8 +18,6 @@ from trainers.cli import DIST_TIMEOUT_S, INPUT_ERRORS, JobFailure, UsageError, r
 from trainers.files import write_text_atomic
 from trainers.tracking import log_with
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-
 
 def effective_precision(flag: str) -> str:
     """``--mixed-precision`` when set to bf16/fp16, else the launch config's (``accelerate launch``
@@ -211,10 +209,7 @@ def generator_for(*keys: int) -> torch.Generator:
 
 
 def check_run_dir_is_free(run_dir: Path, resume: bool) -> None:
-    """The run folder can be written (no part of its path is a file) and, unless resuming, holds
-    no finished or checkpointed run. Checked before any training."""
-    require_writable_dir(run_dir.parent, "--out-dir")
-    require_writable_dir(run_dir, "--run-name")
+    """Unless resuming, the run folder holds no finished or checkpointed run."""
     if resume:
         return
     if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) \
@@ -239,6 +234,7 @@ def hold_run_dir(run_dir: Path, resume: bool):
     require_writable_dir(run_dir.parent, "--out-dir")
     require_writable_dir(run_dir, "--run-name")
     if int(os.environ.get("RANK", "0")) != 0:
+        check_run_dir_is_free(run_dir, resume)   # every rank refuses a finished run, not only rank 0
         yield
         return
     made = None   # the outermost folder this launch creates, removed again if it is refused
@@ -296,20 +292,3 @@ class StopFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def fingerprint(*tensors: torch.Tensor) -> int:
-    """A 63-bit hash of the tensors' exact bytes (equal iff bit-identical, barring collisions)."""
-    import hashlib
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") >> 1
-
-
-def gather_fingerprints(accelerator, value: int) -> list[int]:
-    """Every rank's ``value``, in rank order (a list of one without distribution)."""
-    if accelerator.num_processes == 1:
-        return [value]
-    t = torch.tensor([value], dtype=torch.int64, device=accelerator.device)
-    return [int(v) for v in accelerator.gather(t).tolist()]
