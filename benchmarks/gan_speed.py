@@ -17,39 +17,51 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from trainers.cli import override
+from trainers.files import write_json_atomic
 from trainers.gan import (GANConfig, build_models, epoch_batches, iterations_per_epoch,
                           load_train_images, make_config, step_noise, train)
 
 
-def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models: bool = False):
-    """The reference: the DCGAN loop in plain PyTorch, one process, no Accelerate, no EMA.
+def trainer_device() -> torch.device:
+    """Where ``train`` runs in one process: the GPU if there is one (Accelerate's choice), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models: bool = False,
+                device: torch.device | str = "cpu"):
+    """The reference: the DCGAN loop in plain PyTorch, one process, no Accelerate, no EMA, written
+    as pytorch/examples' dcgan/main.py writes it (D's gradients computed in the G step, the losses
+    read every iteration), on ``device`` with the data moved there once.
 
     Returns ``(G, D, seconds)`` where seconds covers the ``steps`` iterations only.
     """
-    G, D = build_models(cfg)
+    device = torch.device(device)
+    G, D = (m.to(device) for m in build_models(cfg))
+    images = images.to(device)
     if cfg.optim.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.optim.mixed_precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.optim.mixed_precision == "bf16")
     iters = iterations_per_epoch(len(images), cfg.optim.batch_size, 1)
-    ones, zeros = torch.ones(cfg.optim.batch_size), torch.zeros(cfg.optim.batch_size)
+    ones, zeros = torch.ones(cfg.optim.batch_size, device=device), torch.zeros(cfg.optim.batch_size, device=device)
     batches, batches_epoch = None, -1
     start = time.perf_counter()
     for step in range(1, steps + 1):
         epoch, it = (step - 1) // iters + 1, (step - 1) % iters
         if batches_epoch != epoch:
-            batches, batches_epoch = epoch_batches(cfg, len(images), 0, 1, epoch), epoch
+            batches, batches_epoch = epoch_batches(cfg, len(images), 0, 1, epoch).to(device), epoch
         real = images[batches[it]]
         if cfg.optim.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        z = step_noise(cfg, 0, 1, step)
+        z = step_noise(cfg, 0, 1, step).to(device)
         with autocast:                                   # D: maximise log D(x) + log(1 - D(G(z)))
             fake = G_run(z)
             logit_real, logit_fake = D_run(real).float(), D_run(fake.detach()).float()
@@ -64,8 +76,14 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        loss_d.item(), loss_g.item()                     # the trainer reads its stats too
+        loss_d.item(), loss_g.item()                     # as the example prints them every iteration
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return G, D, time.perf_counter() - start
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def trainer_images_per_s(cfg: GANConfig, out_dir: str, name: str) -> float:
@@ -99,6 +117,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu-demo's)")
     p.add_argument("--variants", choices=("baseline", "all"), default="baseline",
                    help="baseline: trainer vs plain; all: + channels_last, compile, batch sizes, bf16")
+    p.add_argument("--json", default="", help="also write the table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = make_config("cpu-demo", base_channels=args.base_channels, batch_size=args.batch_size,
@@ -108,8 +127,8 @@ def main(argv=None) -> dict:
     table = variants(base, args.variants)
     speeds: dict[str, list[float]] = {k: [] for k in table}
     ratios: dict[str, list[float]] = {k: [] for k in table}
-    images = load_train_images(base)
-    print(f"threads {torch.get_num_threads()}, b={args.base_channels}, batch {args.batch_size}, {args.mixed_precision}, "
+    images, device = load_train_images(base), trainer_device()
+    print(f"{device_name(device)}, threads {torch.get_num_threads()}, b={args.base_channels}, batch {args.batch_size}, {args.mixed_precision}, "
           f"{args.steps} iterations x {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -118,8 +137,9 @@ def main(argv=None) -> dict:
                     speed = trainer_images_per_s(cfg, tmp, f"r{r}-{name.replace(' ', '_')}")
                 else:
                     if loop == "plain+compile":   # compile outside the timed window
-                        plain_train(cfg, images, 3, compile_models=True)
-                    _, _, secs = plain_train(cfg, images, args.steps, compile_models=loop == "plain+compile")
+                        plain_train(cfg, images, 3, compile_models=True, device=device)
+                    _, _, secs = plain_train(cfg, images, args.steps, compile_models=loop == "plain+compile",
+                                             device=device)
                     speed = args.steps * cfg.optim.batch_size / secs
                 speeds[name].append(speed)
             for name in table:
@@ -131,7 +151,12 @@ def main(argv=None) -> dict:
         med, ratio = statistics.median(speeds[name]), statistics.median(ratios[name])
         result[name] = {"images_per_s": med, "ratio_vs_plain": ratio}
         print(f"{name:<24}{med:>18.0f}{ratio:>19.2f}x")
-    print(f"\ngoal trainer/plain >= 1.0x: {result['trainer']['ratio_vs_plain']:.2f}x")
+    print(f"\ngoal trainer/plain >= 1.05x: {result['trainer']['ratio_vs_plain']:.2f}x")
+    if args.json:
+        write_json_atomic(Path(args.json), {"device": device_name(device), "threads": args.threads,
+                                            "base_channels": args.base_channels, "batch_size": args.batch_size,
+                                            "mixed_precision": args.mixed_precision, "steps": args.steps,
+                                            "rounds": args.rounds, "variants": result})
     return result
 
 

@@ -50,6 +50,7 @@ GRID_SIDE = 8            # fixed-noise grids are 8 x 8
 DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of (seed, key, ...)
 NOISE_STREAM = 1_002
 FIXED_STREAM = 1_003
+STOP_CHECK_EVERY = 10    # iterations between checks of a SIGTERM/SIGINT (an all-reduce and a host sync)
 SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images_per_s", "eval_time_s",
                 "skipped_steps_d", "skipped_steps_g")   # metrics.json numbers the run's summary repeats
 RESUME_MUST_MATCH = ("base_channels", "latent_dim", "batch_size", "train_subset", "seed", "ema_decay")
@@ -220,8 +221,9 @@ def ema_of(generator: torch.nn.Module, decay: float) -> AveragedModel:
     """An EMA of G's weights with warm-up, decay_t = min(decay, (1+t)/(10+t)) at its t-th update.
     Its BatchNorm statistics are re-estimated before it samples (averaged weights do not match the
     live generator's running statistics)."""
-    def ema_update(averaged, current, t):
-        return torch.lerp(averaged, current.to(averaged.dtype), 1 - min(decay, (1 + float(t)) / (10 + float(t))))
+    def ema_update(averaged, current, t):   # t: a tensor on G's device; no host sync per parameter
+        weight = 1 - torch.clamp((1 + t) / (10 + t), max=decay)
+        return torch.lerp(averaged, current.to(averaged.dtype), weight.to(averaged.dtype))
     ema = AveragedModel(generator, avg_fn=ema_update)
     ema.update_parameters(generator)   # the first update copies G: t counts the averaging updates from 1
     return ema.eval().requires_grad_(False)
@@ -303,7 +305,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     if ema is not None:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
-    G_plain = accelerator.unwrap_model(G)
+    G_plain, D_plain = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
+    images = images.to(device)   # MNIST (188 MB as fp32) fits on any GPU: no host copy per batch
 
     start, clock = 0, Clock()
     if resume_from is not None:
@@ -362,8 +365,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     for step in range(start + 1, total + 1):
         epoch, it = (step - 1) // iters + 1, (step - 1) % iters
         if batches_epoch != epoch:
-            batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch), epoch
-        real = images[batches[it]].to(device)                      # (B, 1, 28, 28)
+            batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch).to(device), epoch
+        real = images[batches[it]]                                 # (B, 1, 28, 28)
         z = step_noise(cfg, rank, world, step).to(device)           # (B, latent)
         if o.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
@@ -377,13 +380,17 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         opt_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
         opt_d.step()
-        # (2) G step, non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z)))
+        # (2) G step, non-saturating: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
+        # D is frozen: its weight gradients would be thrown away by the next D step (and, under
+        # DDP, all-reduced first), so the pass runs through the unwrapped D, outside DDP's hooks.
+        D_plain.requires_grad_(False)
         with accelerator.autocast():
-            logit_gen = D(fake).float()                            # (B,)
+            logit_gen = D_plain(fake).float()                      # (B,)
         loss_g = F.binary_cross_entropy_with_logits(logit_gen, ones)
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
         opt_g.step()
+        D_plain.requires_grad_(True)
         if ema is not None:
             ema.update_parameters(G_plain)
         clock.skipped_d += int(opt_d.step_was_skipped)
@@ -402,7 +409,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
             bar.set_postfix(d=f"{last['loss_d']:.2f}", g=f"{last['loss_g']:.2f}", epoch=epoch)
         if end_of_epoch and epoch in stages:
             stage(epoch, step)
-        stopping = stop.should_stop(accelerator)
+        stopping = step % STOP_CHECK_EVERY == 0 and stop.should_stop(accelerator)   # a collective, and a host sync
         if step % cfg.run.checkpoint_every == 0 or end_of_epoch or step == total or stopping:
             flush_stats(pending, clock.history, step)
             checkpoint(step)
@@ -433,7 +440,6 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         tracker.log_images(figures, step=step, caption=f"iteration {step} (epoch {step / iters:g})")
     clock.eval_s += time.perf_counter() - tick
     metrics.update({"eval_time_s": round(clock.eval_s, 2), "wall_time_s": round(wall_time, 2)})
-    D_plain = accelerator.unwrap_model(D)
     debug.record(accelerator, run_dir, images_scored=images_scored(),   # collectives: every rank
                  weights=debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values()),
                  first_batch=debug.fingerprint(epoch_batches(cfg, len(images), rank, world, 1)[0]),

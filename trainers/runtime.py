@@ -271,7 +271,7 @@ class StopFlag:
     The handler only notes the request (it may run between any two lines); ``should_stop`` sets
     Accelerate's trigger from it and reads it with ``check_trigger``, an all-reduce over the
     processes, so every rank stops after the same step and the collective checkpoint cannot
-    deadlock. ``should_stop`` is a collective: every rank calls it once per step.
+    deadlock. ``should_stop`` is a collective (and a host sync): every rank calls it at the same steps.
     """
 
     def __init__(self):
