@@ -209,11 +209,20 @@ def images_scored() -> int:
     return sum(s.images_scored for s in _SCORERS.values())
 
 
+def device_key(device: str | torch.device) -> str:
+    """One name per device: "cpu:0" and "cpu" are "cpu"; "cuda" is the current GPU's "cuda:<index>"."""
+    d = torch.device(device)
+    if d.type == "cpu":
+        return "cpu"
+    if d.index is None:
+        d = torch.device(d.type, getattr(torch, d.type).current_device())
+    return str(d)
+
+
 def scorer_for(device: str | torch.device = "cpu", shards: Shards = SINGLE) -> Scorer:
     """One Scorer per device and process: the test-set statistics are computed once (shared out
     across ``shards``; every rank calls this at the same point, so a cached scorer is cached on all)."""
-    d = torch.device(device)
-    key = "cpu" if d.type == "cpu" else str(d)   # "cpu:0" and "cpu" are one device
+    key = device_key(device)
     if key not in _SCORERS:
         _SCORERS[key] = Scorer(key, shards=shards)
     return _SCORERS[key]
