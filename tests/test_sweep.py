@@ -331,9 +331,9 @@ def test_bad_input_gives_one_line_and_exit_2(flags, needle, tmp_path, capsys):
 
 
 def test_an_out_dir_that_is_a_file_stops_the_sweep_before_ray_starts(tmp_path, capsys, monkeypatch):
-    import tune.lstm_sweep as sweep
+    import tune.common as sweep
 
-    monkeypatch.setattr(sweep, "connect_ray", lambda sc: pytest.fail("Ray was started"))
+    monkeypatch.setattr(sweep, "connect_ray", lambda *args: pytest.fail("Ray was started"))
     a_file = tmp_path / "runs"
     a_file.write_text("not a folder")
     with pytest.raises(SystemExit) as exit_info:

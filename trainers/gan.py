@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,8 @@ class Optim:
     epochs: int = 50  # passes over the training set (the report: 50, up to 200)
     max_steps: int = 0  # stop after this many iterations (0: run every epoch); for tests
     batch_size: int = 128  # images per iteration, per process
-    lr: float = 2e-4  # Adam learning rate of D and G
+    lr: float = 2e-4  # Adam learning rate of G (and of D unless --lr-d is given)
+    lr_d: float = 0.0  # Adam learning rate of D (0: the same as --lr)
     beta1: float = 0.5  # Adam beta1 (DCGAN's 0.5)
     beta2: float = 0.999  # Adam beta2
     ema_decay: float = 0.0  # decay of an EMA of G's weights used for samples (0: off)
@@ -114,6 +115,7 @@ class GANConfig:
         self.run.validate()
         o, flat = self.optim, flatten(self)
         require_positive(o.lr, "lr")
+        require_non_negative(o.lr_d, "lr_d")
         for name in ("beta1", "beta2", "ema_decay"):
             require_non_negative(flat[name], name)
             if flat[name] >= 1:
@@ -254,10 +256,13 @@ class Clock:
         return self.wall_before + time.perf_counter() - self.t0
 
 
-def train(cfg: GANConfig) -> dict:
+def train(cfg: GANConfig, on_stage: Callable[[int, dict, Path], str | None] | None = None) -> dict:
     """Train under an Accelerator (``accelerate launch`` decides devices and processes); return
     the final metrics, also written to ``<run>/metrics.json``. A collective that fails or times
-    out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept."""
+    out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept.
+    ``on_stage(step, numbers, ckpt)`` is called on one process after each stage past epoch 0 and
+    its checkpoint (Ray Tune reports through it); a string it returns ends the run there,
+    recorded as ``stop_reason`` (else: completed or interrupted)."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
         resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
@@ -270,10 +275,10 @@ def train(cfg: GANConfig) -> dict:
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
         with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
-            return _train(cfg, images, resume_from)
+            return _train(cfg, images, resume_from, on_stage)
 
 
-def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> dict:
+def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_stage=None) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs
     run_dir, ckpt_dir, o = cfg.run_dir, cfg.run_dir / "checkpoints", cfg.optim
     # Synchronised BatchNorm keeps every rank's BatchNorm buffers equal, so DDP need not
@@ -296,7 +301,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     if o.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d or o.lr, betas=(o.beta1, o.beta2))
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
     # Under mixed precision `prepare` wraps each module's forward in autocast plus a cast of its
     # outputs to fp32; one `accelerator.autocast()` per step instead (as a plain loop) saves ~2%.
@@ -313,9 +318,9 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         meta = load_checkpoint(accelerator, resume_from)
         start, extra = meta["step"], meta["extra"]
         clock = Clock(history=extra["history"], wall_before=extra["wall_time"], **extra["record"])
-        for opt in (opt_g, opt_d):   # the flags of this job win over the optimiser state's copy
+        for opt, lr in ((opt_g, o.lr), (opt_d, o.lr_d or o.lr)):   # this job's flags win over the state's copy
             for group in opt.param_groups:
-                group["lr"], group["betas"] = o.lr, (o.beta1, o.beta2)
+                group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
         accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
@@ -357,7 +362,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
                disable=not (cfg.run.progress and accelerator.is_local_main_process))
     ones, zeros = torch.ones(o.batch_size, device=device), torch.zeros(o.batch_size, device=device)
     pending: list[torch.Tensor] = []   # per-iteration stats kept on the device until the next log
-    step, batches, batches_epoch = start, None, -1
+    step, batches, batches_epoch, reason = start, None, -1, None   # reason: why on_stage ended the run
     loop_start, clock.aside_s = time.perf_counter(), 0.0
     ALL_REDUCE_STATS.update(seconds=0.0, calls=0)
     G.train()
@@ -407,14 +412,19 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
                         {"train/epoch": step / iters, "train/skipped_d": clock.skipped_d,
                          "train/skipped_g": clock.skipped_g}, step=step)
             bar.set_postfix(d=f"{last['loss_d']:.2f}", g=f"{last['loss_g']:.2f}", epoch=epoch)
-        if end_of_epoch and epoch in stages:
+        staged = end_of_epoch and epoch in stages
+        if staged:
             stage(epoch, step)
         stopping = step % STOP_CHECK_EVERY == 0 and stop.should_stop(accelerator)   # a collective, and a host sync
         if step % cfg.run.checkpoint_every == 0 or end_of_epoch or step == total or stopping:
             flush_stats(pending, clock.history, step)
-            checkpoint(step)
+            ckpt = checkpoint(step)
+        if staged and on_stage is not None:
+            reason = on_stage(step, {**clock.stages[str(epoch)], "epoch": epoch, "wall_s": clock.wall()}, ckpt)
         if stopping:
             accelerator.print(f"stop requested: checkpoint at iteration {step} written; rerun with --resume")
+            break
+        if reason:
             break
     train_time = time.perf_counter() - loop_start - clock.aside_s
     bar.close()
@@ -426,6 +436,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     gen = sampler()
     metrics = {"steps": step, "epochs_done": step / iters, "iterations_per_epoch": iters, "finished": finished,
                "processes": world, "preset": cfg.preset, "stages": clock.stages, "config": config,
+               "stop_reason": reason or ("completed" if finished else "interrupted"),
                "train_images_per_s": round((step - start) * o.batch_size * world / max(train_time, 1e-9), 1),
                "skipped_steps_d": clock.skipped_d, "skipped_steps_g": clock.skipped_g}
     tail = max(1, min(iters, len(history["loss_d"])))   # the last epoch's means

@@ -18,23 +18,19 @@ Writes <out-dir>/sweeps/<name>/: sweep.json (the flags), tune/ (Ray's experiment
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
-import tyro
-
 from trainers.checkpoint import PREFIX, list_checkpoints, read_meta
-from trainers.cli import (UsageError, check_choices, flatten, from_saved, override, parse, require_at_least,
+from trainers.cli import (UsageError, check_choices, flatten, from_saved, override, require_at_least,
                           require_non_negative, require_positive, require_writable_dir, run_cli)
-from trainers.files import write_json_atomic
 from trainers.lstm import LSTMConfig, train
-from tune import report
+from tune import common, report
+from tune.common import Floats, Ints, check_list, listing, with_resources
 
 MODELS = ("lstm", "rnn")
 METRIC = "val/acc"              # what ASHA compares
@@ -46,23 +42,6 @@ RECORDED = "recorded"           # <sweep>/recorded/<trial id>: the last step Tun
 
 # --- config ----------------------------------------------------------------------------------
 
-def listing(kind, metavar: str):
-    """A tuple flag that takes ``--flag 20 30 50`` or the comma form ``--flag 20,30,50``."""
-    def convert(text: str):
-        try:
-            return kind(text)
-        except ValueError:
-            what = {int: "an integer", float: "a number"}.get(kind, metavar)
-            raise ValueError(f"{text!r} is not {what}; give values separated by spaces or commas") from None
-
-    return tyro.constructors.PrimitiveConstructorSpec(
-        nargs="*", metavar=f"{metavar} [{metavar} ...]",
-        instance_from_str=lambda args: tuple(convert(t.strip()) for a in args for t in a.split(",") if t.strip()),
-        is_instance=lambda v: isinstance(v, tuple), str_from_instance=lambda v: [str(x) for x in v])
-
-
-Ints = Annotated[tuple[int, ...], listing(int, "INT")]
-Floats = Annotated[tuple[float, ...], listing(float, "FLOAT")]
 Models = Annotated[tuple[str, ...], listing(str, "{lstm,rnn}")]
 
 
@@ -167,27 +146,11 @@ class SweepConfig:
 # forget bias of 5 solves within a few hundred to a thousand steps. Flags given still apply.
 QUICK = dict(lstm_seq_lengths=(10, 50, 100), rnn_seq_lengths=(10, 50, 100), forget_biases=(5.0,), num_samples=2,
              steps=2000, eval_every=100, grace_period=300, floor_step=500, val_size=2000, name="quick")
-# Flags of a running sweep that --resume takes from the command line, not from sweep.json.
-RUNTIME_FLAGS = ("address", "num_cpus", "out_dir", "name", "resume", "quick")
 
 
 def parse_sweep(argv: Sequence[str] | None, prog: str, description: str) -> SweepConfig:
     """The command line -> a validated SweepConfig; with --quick the preset replaces the defaults."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    quick = [a for a in argv if a in ("--quick", "--no-quick")][-1:] == ["--quick"]
-    default = override(SweepConfig(), quick=True, **QUICK) if quick else None
-    return parse(SweepConfig, argv, prog=prog, description=description, default=default)
-
-
-def check_list(values: tuple, name: str, low: float | None = None) -> None:
-    flag = "--" + name.replace("_", "-")
-    if not values:
-        raise UsageError(f"{flag} is empty; give one or more values, e.g. {flag} 20 30 50")
-    if not all(math.isfinite(v) for v in values):
-        raise UsageError(f"{flag} values must be finite numbers, got {values}")
-    bad = [v for v in values if low is not None and v < low]
-    if bad:
-        raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
+    return common.parse_with_preset(SweepConfig, QUICK, argv, prog, description)
 
 
 def lengths_of(sc: SweepConfig, model: str) -> list[int]:
@@ -323,12 +286,6 @@ def check_trial_configs(sc: SweepConfig) -> None:
                 trial_config({**fixed, **point, "hidden_dim": hidden, "lr": lr}, "check").validate()
 
 
-def trainable(sc: SweepConfig):
-    from ray import tune
-
-    return tune.with_resources(run_trial, {"cpu": sc.scheduling.cpus_per_trial, "gpu": sc.scheduling.gpus_per_trial})
-
-
 def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
@@ -365,107 +322,22 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def connect_ray(sc: SweepConfig) -> bool:
-    """Start a local Ray or join ``--address`` (token auth, one-line errors, a watch on the head:
-    tune/cluster.py); returns whether this call started it (and so must shut it down). Reuses a
-    session that is already up (tests share one). Ray is imported only here: joining a cluster
-    with a token must set up auth before Ray reads its settings."""
-    from tune.cluster import check_reachable, join
-
-    address = sc.scheduling.address
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        if address:
-            check_reachable(address)
-        return False
-    if address:
-        join(address)
-        return True
-    import ray
-
-    # address="local": a Ray of its own, even where another one runs on this machine
-    ray.init(address="local", num_cpus=sc.scheduling.num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=256 * 1024 ** 2)
-    return True
-
-
-def check_resources(sc: SweepConfig) -> None:
-    """A trial that fits no node would wait forever: say so now."""
-    import ray
-
-    total = ray.cluster_resources()
-    for key, need, flag in (("CPU", sc.scheduling.cpus_per_trial, "--cpus-per-trial"),
-                            ("GPU", sc.scheduling.gpus_per_trial, "--gpus-per-trial")):
-        if need > 0 and total.get(key, 0) < need:
-            raise UsageError(f"{flag} {need:g} but the Ray cluster has {total.get(key, 0):g} {key}s; "
-                             f"lower {flag} or join a larger cluster with --address")
-
-
-def load_for_resume(sc: SweepConfig) -> SweepConfig:
-    """--resume: the saved sweep's flags, with this command's runtime flags on top."""
-    saved = sc.sweep_dir / "sweep.json"
-    if not saved.exists():
-        raise UsageError(f"--resume: no sweep at {sc.sweep_dir}; run without --resume to start it, "
-                         "or pass the --out-dir/--name it was started with")
-    try:
-        stored = json.loads(saved.read_text())
-        base = from_saved(SweepConfig, {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-    except (ValueError, TypeError, AttributeError) as err:
-        raise UsageError(f"--resume: {saved} is unreadable ({err.__class__.__name__}); "
-                         "start the sweep again under another --name") from None
-    now = flatten(sc)
-    return override(base, **{k: now[k] for k in RUNTIME_FLAGS})
+def trainable(sc: SweepConfig):
+    return with_resources(run_trial, sc)
 
 
 def run_sweep(sc: SweepConfig, callbacks=None, verbose: int = 1) -> dict:
     """Run (or resume) the sweep and, once every trial has ended, write its report. Returns
     ``{"sweep_dir", "trials", "unfinished", "errors", "rows"}``; ``unfinished > 0`` after an interrupt."""
-    t0 = time.perf_counter()
-    sc.validate()
-    sweep_dir = sc.sweep_dir
-    if sc.output.resume:
-        sc = load_for_resume(sc)
-        sc.validate()
-    elif (sweep_dir / "sweep.json").exists() or (sweep_dir / "tune").exists():
-        raise UsageError(f"{sweep_dir} already holds a sweep; pass --resume to continue it or choose another --name")
-    check_trial_configs(sc)
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"   # trials keep the driver's working directory
-    started = connect_ray(sc)
-    try:
-        check_resources(sc)
-        from ray.tune import Tuner
-
-        if sc.output.resume:
-            if not Tuner.can_restore(str(sweep_dir / "tune")):
-                raise UsageError(f"--resume: {sweep_dir / 'tune'} holds no Ray Tune state to restore; "
-                                 "start the sweep again under another --name")
-            tuner = Tuner.restore(str(sweep_dir / "tune"), trainable(sc), resume_errored=True)
-        else:
-            write_json_atomic(sweep_dir / "sweep.json", flatten(sc))
-            tuner = build_tuner(sc, callbacks, verbose)
-        tuner.fit()
-    finally:
-        if started:
-            import ray
-            ray.shutdown()
-    rows = report.collect_rows(sweep_dir)
-    unfinished = sum(r["status"] in report.UNFINISHED for r in rows)
-    if unfinished == 0:
-        report.write_report(sweep_dir, rows, wall_s=time.perf_counter() - t0)
-    return {"sweep_dir": sweep_dir, "trials": len(rows), "unfinished": unfinished,
-            "errors": sum(r["status"] == "failed" for r in rows), "rows": rows}
+    return common.run_sweep(sc, trainable, lambda sc: build_tuner(sc, callbacks, verbose), check_trial_configs,
+                            report.collect_rows, report.write_report)
 
 
 def main(argv=None) -> dict:
     sc = parse_sweep(argv, prog="tune/lstm_sweep.py", description=__doc__.splitlines()[0])
     t0 = time.perf_counter()
     outcome = run_sweep(sc)
-    wall = time.perf_counter() - t0
-    if outcome["unfinished"]:
-        sys.stderr.write(f"lstm_sweep: interrupted with {outcome['unfinished']} of {outcome['trials']} trials "
-                         f"unfinished; continue with the same command plus --resume\n")
-        sys.exit(130)
-    print((Path(outcome["sweep_dir"]) / "table.md").read_text())
-    print(f"{outcome['trials']} trials ({outcome['errors']} failed) in {wall:.0f}s -> {outcome['sweep_dir']}")
+    common.print_outcome("lstm_sweep", outcome, time.perf_counter() - t0)
     return outcome
 
 

@@ -1,0 +1,183 @@
+"""What the two sweeps (tune/lstm_sweep.py, tune/gan_sweep.py) share: list flags, starting or joining
+Ray, a trial's resources, --resume, and one run of a Tuner from the flags to the report.
+
+A sweep's config has the groups ``scheduling`` (address, num_cpus, cpus_per_trial, gpus_per_trial)
+and ``output`` (resume, ...), a ``sweep_dir`` and a ``validate()``. It writes <sweep_dir>/sweep.json
+(its flags), <sweep_dir>/tune/ (Ray's experiment state) and, once every trial has ended, its report.
+Ray is imported lazily: training needs no Ray.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Sequence
+
+import tyro
+
+from trainers.cli import UsageError, flatten, from_saved, override
+from trainers.files import write_json_atomic
+
+UNFINISHED = ("pending", "running", "paused")     # statuses of the trials an interrupted sweep left
+# Flags of a running sweep that --resume takes from the command line, not from sweep.json.
+RUNTIME_FLAGS = ("address", "num_cpus", "out_dir", "name", "resume", "quick")
+
+
+# --- list flags ------------------------------------------------------------------------------------
+
+def listing(kind, metavar: str):
+    """A tuple flag that takes ``--flag 20 30 50`` or the comma form ``--flag 20,30,50``."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(kind, metavar)
+            raise ValueError(f"{text!r} is not {what}; give values separated by spaces or commas") from None
+
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs="*", metavar=f"{metavar} [{metavar} ...]",
+        instance_from_str=lambda args: tuple(convert(t.strip()) for a in args for t in a.split(",") if t.strip()),
+        is_instance=lambda v: isinstance(v, tuple), str_from_instance=lambda v: [str(x) for x in v])
+
+
+Ints = Annotated[tuple[int, ...], listing(int, "INT")]
+Floats = Annotated[tuple[float, ...], listing(float, "FLOAT")]
+
+
+def check_list(values: tuple, name: str, low: float | None = None) -> None:
+    flag = "--" + name.replace("_", "-")
+    if not values:
+        raise UsageError(f"{flag} is empty; give one or more values, e.g. {flag} 20 30 50")
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} values must be finite numbers, got {values}")
+    bad = [v for v in values if low is not None and v < low]
+    if bad:
+        raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
+
+
+# --- Ray -------------------------------------------------------------------------------------------
+
+def connect_ray(address: str, num_cpus: int) -> bool:
+    """Start a local Ray or join ``address`` (token auth, one-line errors, a watch on the head:
+    tune/cluster.py); returns whether this call started it (and so must shut it down). Reuses a
+    session that is already up (tests share one). Ray is imported only here: joining a cluster
+    with a token must set up auth before Ray reads its settings."""
+    from tune.cluster import check_reachable, join
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        if address:
+            check_reachable(address)
+        return False
+    if address:
+        join(address)
+        return True
+    import ray
+
+    # address="local": a Ray of its own, even where another one runs on this machine
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+             object_store_memory=256 * 1024 ** 2)
+    return True
+
+
+def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
+    """A trial that fits no node would wait forever: say so now."""
+    import ray
+
+    total = ray.cluster_resources()
+    for key, need, flag in (("CPU", cpus_per_trial, "--cpus-per-trial"), ("GPU", gpus_per_trial, "--gpus-per-trial")):
+        if need > 0 and total.get(key, 0) < need:
+            raise UsageError(f"{flag} {need:g} but the Ray cluster has {total.get(key, 0):g} {key}s; "
+                             f"lower {flag} or join a larger cluster with --address")
+
+
+def with_resources(fn: Callable, sc):
+    """The function trainable ``fn`` with the sweep's CPUs and GPUs per trial."""
+    from ray import tune
+
+    return tune.with_resources(fn, {"cpu": sc.scheduling.cpus_per_trial, "gpu": sc.scheduling.gpus_per_trial})
+
+
+# --- one sweep, from its flags to its report ---------------------------------------------------------
+
+def load_for_resume(sc):
+    """--resume: the saved sweep's flags, with this command's runtime flags on top."""
+    saved = sc.sweep_dir / "sweep.json"
+    if not saved.exists():
+        raise UsageError(f"--resume: no sweep at {sc.sweep_dir}; run without --resume to start it, "
+                         "or pass the --out-dir/--name it was started with")
+    try:
+        stored = json.loads(saved.read_text())
+        base = from_saved(type(sc), {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    except (ValueError, TypeError, AttributeError) as err:
+        raise UsageError(f"--resume: {saved} is unreadable ({err.__class__.__name__}); "
+                         "start the sweep again under another --name") from None
+    now = flatten(sc)
+    return override(base, **{k: now[k] for k in RUNTIME_FLAGS})
+
+
+def run_sweep(sc, trainable: Callable, build_tuner: Callable, check_trials: Callable, collect_rows: Callable,
+              write_report: Callable) -> dict:
+    """Run (or resume) the sweep ``sc`` and, once every trial has ended, write its report.
+
+    ``check_trials(sc)`` validates trial configs before Ray starts; ``trainable(sc)`` and
+    ``build_tuner(sc)`` make what Tune runs; ``collect_rows(sweep_dir)`` reads one row per trial
+    (with its ``status``) back from disk, and ``write_report(sweep_dir, rows, wall_s)`` writes the
+    report. Returns ``{"sweep_dir", "trials", "unfinished", "errors", "rows", "config"}``;
+    ``unfinished > 0`` after an interrupt."""
+    t0 = time.perf_counter()
+    sc.validate()
+    sweep_dir = sc.sweep_dir
+    if sc.output.resume:
+        sc = load_for_resume(sc)
+        sc.validate()
+    elif (sweep_dir / "sweep.json").exists() or (sweep_dir / "tune").exists():
+        raise UsageError(f"{sweep_dir} already holds a sweep; pass --resume to continue it or choose another --name")
+    check_trials(sc)
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"   # trials keep the driver's working directory
+    started = connect_ray(sc.scheduling.address, sc.scheduling.num_cpus)
+    try:
+        check_resources(sc.scheduling.cpus_per_trial, sc.scheduling.gpus_per_trial)
+        from ray.tune import Tuner
+
+        if sc.output.resume:
+            if not Tuner.can_restore(str(sweep_dir / "tune")):
+                raise UsageError(f"--resume: {sweep_dir / 'tune'} holds no Ray Tune state to restore; "
+                                 "start the sweep again under another --name")
+            tuner = Tuner.restore(str(sweep_dir / "tune"), trainable(sc), resume_errored=True)
+        else:
+            write_json_atomic(sweep_dir / "sweep.json", flatten(sc))
+            tuner = build_tuner(sc)
+        tuner.fit()
+    finally:
+        if started:
+            import ray
+            ray.shutdown()
+    rows = collect_rows(sweep_dir)
+    unfinished = sum(r["status"] in UNFINISHED for r in rows)
+    if unfinished == 0:
+        write_report(sweep_dir, rows, wall_s=time.perf_counter() - t0)
+    return {"sweep_dir": sweep_dir, "trials": len(rows), "unfinished": unfinished,
+            "errors": sum(r["status"] == "failed" for r in rows), "rows": rows, "config": sc}
+
+
+def print_outcome(prog: str, outcome: dict, wall_s: float) -> None:
+    """The end of a sweep's command: its table, or how to continue an interrupted one (exit 130)."""
+    if outcome["unfinished"]:
+        sys.stderr.write(f"{prog}: interrupted with {outcome['unfinished']} of {outcome['trials']} trials "
+                         f"unfinished; continue with the same command plus --resume\n")
+        sys.exit(130)
+    print((Path(outcome["sweep_dir"]) / "table.md").read_text())
+    print(f"{outcome['trials']} trials ({outcome['errors']} failed) in {wall_s:.0f}s -> {outcome['sweep_dir']}")
+
+
+def parse_with_preset(cls, preset: dict, argv: Sequence[str] | None, prog: str, description: str):
+    """The command line -> a validated ``cls``; with --quick the ``preset`` replaces the defaults."""
+    from trainers.cli import parse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick = [a for a in argv if a in ("--quick", "--no-quick")][-1:] == ["--quick"]
+    default = override(cls(), quick=True, **preset) if quick else None
+    return parse(cls, argv, prog=prog, description=description, default=default)
