@@ -3,6 +3,7 @@ which some draw reached 99% on the fixed validation set) and the best accuracy p
 
     python tune/report.py runs/sweeps/lstm-sweep              # (re)write the report of a finished sweep
     python tune/report.py runs/sweeps/quick --no-wandb        # ... without the wandb summary run
+    python tune/report.py runs/sweeps/gan-sweep               # a DCGAN sweep's (tune/gan_report.py)
 
 Reads sweep.json (the sweep's flags), tune/ (Tune's record of every report) and each trial's
 metrics.json (how its run ended); writes results.csv, table.md, figures/horizon.png, best.json (the
@@ -187,9 +188,9 @@ def table_markdown(rows: list[dict], f: dict, wall_s: float | None = None) -> st
     return "\n".join(lines + markdown(["Model"] + [f"T={t}" for t in lengths], body)) + "\n"
 
 
-def results_csv(rows: list[dict]) -> str:
+def results_csv(rows: list[dict], columns: tuple[str, ...] = RESULT_COLUMNS) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -232,9 +233,10 @@ def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def trainer_argv(cfg: LSTMConfig) -> list[str]:
-    """The trainers/lstm.py flags that rebuild ``cfg`` (all but where it writes and how it shows)."""
-    default, argv = flatten(LSTMConfig()), []
+def trainer_argv(cfg, base=None) -> list[str]:
+    """The trainer flags that rebuild ``cfg`` from ``base`` (default: LSTMConfig()), all but where
+    it writes and how it shows."""
+    default, argv = flatten(LSTMConfig() if base is None else base), []
     for name, value in flatten(cfg).items():
         if name not in NOT_REPRODUCED and value != default[name]:
             flag = "--" + name.replace("_", "-")
@@ -292,20 +294,30 @@ def log_summary_run(rows: list[dict], f: dict, sweep_dir: Path, figure: Path, wa
     tracker.finish()
 
 
-def write_report(sweep_dir: Path, rows: list[dict] | None = None, wall_s: float | None = None,
-                 use_wandb: bool | None = None) -> dict[str, Path]:
-    """Write the report of the finished sweep in ``sweep_dir`` (its rows read from it unless given)."""
+def sweep_flags(sweep_dir: Path) -> tuple[Path, dict]:
+    """The sweep's folder, resolved, and its flags (sweep.json)."""
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     try:
-        f = json.loads((sweep_dir / "sweep.json").read_text())
+        return sweep_dir, json.loads((sweep_dir / "sweep.json").read_text())
     except (OSError, ValueError):
         raise UsageError(f"{sweep_dir} holds no readable sweep.json; pass a sweep's folder, "
                          "<out-dir>/sweeps/<name>") from None
-    rows = collect_rows(sweep_dir) if rows is None else rows
+
+
+def check_ended(sweep_dir: Path, rows: list[dict], prog: str) -> None:
+    """A report is of a whole sweep: every trial has ended."""
     unfinished = sum(r["status"] in UNFINISHED for r in rows)
     if unfinished or not rows:
         raise UsageError(f"{sweep_dir}: {unfinished} of {len(rows)} trials have not ended; finish the sweep with "
-                         "tune/lstm_sweep.py --resume (the same --out-dir and --name) first")
+                         f"{prog} --resume (the same --out-dir and --name) first")
+
+
+def write_report(sweep_dir: Path, rows: list[dict] | None = None, wall_s: float | None = None,
+                 use_wandb: bool | None = None) -> dict[str, Path]:
+    """Write the report of the finished sweep in ``sweep_dir`` (its rows read from it unless given)."""
+    sweep_dir, f = sweep_flags(sweep_dir)
+    rows = collect_rows(sweep_dir) if rows is None else rows
+    check_ended(sweep_dir, rows, "tune/lstm_sweep.py")
     paths = {"results": write_text_atomic(sweep_dir / "results.csv", results_csv(rows)),
              "table": write_text_atomic(sweep_dir / "table.md", table_markdown(rows, f, wall_s)),
              "figure": plot_horizon(rows, f, sweep_dir / "figures" / "horizon.png"),
@@ -327,7 +339,10 @@ class ReportConfig:
 
 def main(argv=None) -> dict[str, Path]:
     rc = parse(ReportConfig, argv, prog="tune/report.py", description=__doc__.splitlines()[0])
-    paths = write_report(Path(rc.sweep_dir), use_wandb=None if rc.wandb else False)
+    from tune import gan_report
+
+    writer = gan_report.write_report if "scheduler" in sweep_flags(rc.sweep_dir)[1] else write_report   # which sweep
+    paths = writer(Path(rc.sweep_dir), use_wandb=None if rc.wandb else False)
     print(paths["table"].read_text())
     return paths
 
