@@ -56,7 +56,7 @@ SAMPLED = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")   
 
 @dataclass
 class Search:
-    """search space (ASHA draws every field; PBT draws the learning rates and keeps the rest at cpu-demo's)"""
+    """search space (ASHA draws every field; PBT the learning rates, the rest at cpu-demo's value or the list's first)"""
     lr_g: Floats = (1e-4, 1e-3)  # G's learning rate: log-uniform between the two
     lr_d: Floats = (5e-5, 8e-4)  # D's learning rate: log-uniform between the two
     beta1s: Floats = (0.3, 0.5, 0.7)  # Adam's beta1 of both (uniform choice)
@@ -264,10 +264,12 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
     s, sch = sc.search, sc.scheduling
     lr_space = {"lr": tune.loguniform(*s.lr_g), "lr_d": tune.loguniform(*s.lr_d)}
     preset = preset_point()
+    choices = {"beta1": s.beta1s, "ema_decay": s.ema_decays, "batch_size": s.batch_sizes, "base_channels": s.widths}
     if sch.scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
-        param_space = {**preset, **lr_space}
+        # every other field at cpu-demo's value, or the list's first where the list lacks it
+        param_space = {**{k: preset[k] if preset[k] in v else v[0] for k, v in choices.items()}, **lr_space}
         scheduler = PopulationBasedTraining(time_attr=TIME_ATTR, metric=METRIC, mode="min",
                                             perturbation_interval=sch.perturbation_interval_s,
                                             hyperparam_mutations=lr_space)
@@ -275,8 +277,6 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
     else:
         from tune.asha import GroupedASHA
 
-        choices = {"beta1": s.beta1s, "ema_decay": s.ema_decays, "batch_size": s.batch_sizes,
-                   "base_channels": s.widths}
         param_space = {**lr_space, **{k: tune.choice(list(v)) for k, v in choices.items()}}
         # one ASHA over every trial (no grouping); a culled trial ends itself with a finished record
         scheduler = GroupedASHA((), metric=METRIC, mode="min", time_attr=TIME_ATTR, max_t=sc.trial.time_budget_s,
@@ -295,9 +295,10 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sc.sweep_dir), verbose=verbose, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=sch.max_failures),
-            # the latest checkpoint (what PBT copies and a retry resumes) and the best one (best.json)
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
-                                                    checkpoint_score_order="min")))
+            # ASHA: the latest checkpoint (what a retry resumes) and the best one (best.json); PBT: every
+            # one (a trial may copy one its source has since passed, which Tune would otherwise delete)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sch.scheduler == "pbt" else 1,
+                                                    checkpoint_score_attribute=METRIC, checkpoint_score_order="min")))
 
 
 # --- the driver ----------------------------------------------------------------------------------
