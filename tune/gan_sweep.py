@@ -47,6 +47,7 @@ from tune.common import Floats, Ints, check_list, with_resources
 from tune.gan_report import ATTEMPTS, METRIC, TIME_ATTR   # the schedulers' metric and clock
 
 CULLED = "culled"             # <sweep>/culled/<trial id>: ASHA's verdict on a trial it culls
+RECORDED = "recorded"         # <sweep>/recorded/<trial id>: the last step Tune recorded as the trial started
 TIME_BUDGET = "time budget"   # stop_reason of a trial whose next epoch would end past --time-budget-s
 PRESET = "cpu-demo"           # every trial starts from this preset's config
 SAMPLED = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")   # GANConfig fields a trial draws
@@ -127,7 +128,9 @@ class GanSweepConfig:
                            (0, ("train_subset", "max_failures", "num_cpus"))):
             for name in names:
                 require_at_least(flatten(self)[name], low, name)
-        for ok, why in ((sch.reduction_factor > 1, f"--reduction-factor must be > 1, got {sch.reduction_factor}"),
+        for ok, why in ((sch.grace_period_s <= t.time_budget_s, f"--grace-period-s ({sch.grace_period_s:g}) must not "
+                                                               f"exceed --time-budget-s ({t.time_budget_s:g})"),
+                        (sch.reduction_factor > 1, f"--reduction-factor must be > 1, got {sch.reduction_factor}"),
                         (t.stage_samples <= 10_000, f"--stage-samples must be at most 10000 (the real-data floor's "
                                                     f"images), got {t.stage_samples}"),
                         (out.name and "/" not in out.name and not out.name.startswith("."),
@@ -157,7 +160,8 @@ def parse_sweep(argv: Sequence[str] | None, prog: str, description: str) -> GanS
 def trial_config(config: dict, trial_id: str) -> GANConfig:
     """A trial's trainer config: the cpu-demo preset, then its Tune config (GANConfig fields: the
     sweep's fixed settings and the sampled point); its run folder is named after the trial id."""
-    cfg = make_config(PRESET, **{k: v for k, v in config.items() if k in flatten(GANConfig())})
+    fields = set(flatten(GANConfig())) - {"preset", "config"}
+    cfg = make_config(PRESET, **{k: v for k, v in config.items() if k in fields})
     return override(cfg, run_name=f"gan-b{cfg.model.base_channels}-bs{cfg.optim.batch_size}-{trial_id}")
 
 
@@ -189,6 +193,7 @@ def run_trial(config: dict) -> None:
 
     from trainers.gan_metrics import scorer_for
     from tune.asha import CULLED_BY_ASHA
+    from tune.record import recorded_step
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id)
@@ -196,6 +201,10 @@ def run_trial(config: dict) -> None:
     verdict = Path(config["sweep_dir"]) / CULLED / trial_id
     run_dir.mkdir(parents=True, exist_ok=True)
     start = restore_checkpoint(run_dir)
+    # a stage Tune has already (its report arrived, its checkpoint was not recorded: an interrupt
+    # in between) is not sent again; after a PBT exploitation the trial's stages are new ones
+    own = start["source"] in (None, cfg.name)
+    recorded = recorded_step(Path(config["sweep_dir"]) / RECORDED, trial_id) if own else 0
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({**start, "run": cfg.name, "lr": cfg.optim.lr, "lr_d": cfg.optim.lr_d,
                             "time": time.time(), "pid": os.getpid()}) + "\n")
@@ -212,7 +221,8 @@ def run_trial(config: dict) -> None:
                   "classifier_score": numbers["eval/classifier_score"], "epoch": numbers["epoch"], "step": step,
                   "min_class_frac": numbers["eval/min_class_frac"], "max_class_frac": numbers["eval/max_class_frac"],
                   TIME_ATTR: wall}
-        tune.report(result, checkpoint=Checkpoint.from_directory(str(ckpt)))
+        if step > recorded:
+            tune.report(result, checkpoint=Checkpoint.from_directory(str(ckpt)))
         if verdict.exists():
             return verdict.read_text().strip() or CULLED_BY_ASHA
         return TIME_BUDGET if wall + epoch_s > budget else None
@@ -261,6 +271,8 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
+    from tune.record import RecordedSteps
+
     s, sch = sc.search, sc.scheduling
     lr_space = {"lr": tune.loguniform(*s.lr_g), "lr_d": tune.loguniform(*s.lr_d)}
     preset = preset_point()
@@ -288,12 +300,13 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
     return tune.Tuner(
         trainable(sc),
         param_space={**param_space, **fixed_trial_settings(sc)},
-        tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, reuse_actors=False,
+        tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, reuse_actors=True,
                                     search_alg=BasicVariantGenerator(points_to_evaluate=first,
                                                                      random_state=sc.trial.seed),
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
-            name="tune", storage_path=str(sc.sweep_dir), verbose=verbose, callbacks=callbacks,
+            name="tune", storage_path=str(sc.sweep_dir), verbose=verbose,
+            callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED), "step")],
             failure_config=tune.FailureConfig(max_failures=sch.max_failures),
             # ASHA: the latest checkpoint (what a retry resumes) and the best one (best.json); PBT: every
             # one (a trial may copy one its source has since passed, which Tune would otherwise delete)

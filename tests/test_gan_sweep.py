@@ -1,0 +1,189 @@
+"""The DCGAN sweep end to end on a tiny problem: ASHA and PBT, every output read back from disk, PBT's
+exploitation checked against a plain resume of the copied checkpoint, an interrupted sweep resumed,
+bad input. Shares the module-wide local Ray session of the "ray" xdist group (tests/conftest.py)."""
+import csv
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+from ray.tune.callback import Callback
+
+from trainers.checkpoint import checkpoint_name, read_meta
+from trainers.cli import UsageError, build, override, run_cli
+from trainers.gan import train
+from tune.gan_sweep import GanSweepConfig, main, preset_point, run_sweep, trial_config
+
+# 512 images, width 8, 200 scored samples: an epoch and its stage in a few seconds
+TINY = dict(train_subset=512, widths=(8,), batch_sizes=(32, 64), stage_samples=200, time_budget_s=8.0,
+            grace_period_s=2.0, perturbation_interval_s=3.0, num_samples=2, wandb=False)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:   # inherited by the Ray workers started below
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 ** 2)
+        yield
+        ray.shutdown()
+
+
+def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
+    """Tune's own record of one trial: every line of its result.json."""
+    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def tune_checkpoints(sweep_dir: Path, trial_id: str) -> dict[int, Path]:
+    """step -> the checkpoint Tune keeps of the trial's report at that step."""
+    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
+    return {read_meta(c)["step"]: c for c in trial_dir.glob("checkpoint_*")}
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f.name + k: v for f in sorted(ckpt.glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_tiny_asha_sweep_writes_every_output_and_each_trial_ends_itself(ray_session, tmp_path, capsys):
+    outcome = main(["--out-dir", str(tmp_path), "--name", "asha", *flags(TINY), "--num-samples", "3"])
+    sweep = tmp_path / "sweeps" / "asha"
+    rows = list(csv.DictReader(open(sweep / "results.csv")))
+    assert outcome["trials"] == len(rows) == 3 and outcome["errors"] == 0
+    for r in rows:
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())   # the trainer's finished record
+        assert metrics["stop_reason"] == r["status"] and r["status"].split(":")[0] in ("time budget", "culled by ASHA")
+        reports = tune_reports(sweep, r["trial_id"])
+        assert [rep["epoch"] for rep in reports] == list(range(1, len(reports) + 1)) == \
+            list(range(1, int(r["stages"]) + 1))
+        walls = [0.0] + [rep["wall_s"] for rep in reports]   # the budget rule: stop when the next epoch,
+        ends = [w + (w - prev) > 8.0 for prev, w in zip(walls, walls[1:])]   # as long as the last, would end past it
+        assert not any(ends[:-1]) and (ends[-1] or r["status"] != "time budget")
+        for rep in reports:   # the reported ratio is the stage FID the trainer recorded over the floor
+            stage = metrics["stages"][str(rep["epoch"])]
+            assert rep["fid"] == pytest.approx(stage["eval/fid"]) and rep["fid_ratio"] == pytest.approx(
+                stage["eval/fid"] / rep["floor_fid"])
+        assert float(r["best_fid_ratio"]) == pytest.approx(min(rep["fid_ratio"] for rep in reports))
+    best = json.loads((sweep / "best.json").read_text())
+    top = min(rows, key=lambda r: float(r["best_fid_ratio"]))
+    assert best["trial_id"] == top["trial_id"] and best["scheduler"] == "asha"
+    assert best["command"].startswith("accelerate launch trainers/gan.py --preset cpu-demo")
+    assert f"--epochs {top['best_epoch']}" in best["command"] and "--train-subset 512" in best["command"]
+    table = (sweep / "table.md").read_text()
+    assert all(r["trial_id"] in table for r in rows) and "time budget" in table
+    image = mpimg.imread(sweep / "figures" / "fid_vs_time.png")
+    assert image.shape[0] > 300 and image.std() > 0.01
+    assert "3 trials (0 failed)" in capsys.readouterr().out
+    # the result is a configuration: best.json's flags, trained from scratch, reach the trial's best
+    # stage FID exactly (training on the CPU is deterministic)
+    from trainers.gan import parse_train_args
+
+    cfg = override(parse_train_args([*best["argv"], "--out-dir", str(tmp_path / "again"), "--no-wandb"]),
+                   progress=False, stage_samples=200, eval_samples=200)
+    assert train(cfg)["stages"][str(best["best_epoch"])]["eval/fid"] == pytest.approx(best["best_fid"], rel=1e-6)
+
+
+def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session, tmp_path):
+    sc = build(GanSweepConfig, out_dir=str(tmp_path), name="pbt", scheduler="pbt",
+               **{**TINY, "time_budget_s": 20.0, "perturbation_interval_s": 2.0})
+    outcome = run_sweep(sc, verbose=0)
+    sweep = outcome["sweep_dir"]
+    assert outcome["errors"] == 0 and outcome["trials"] == 2
+    rows = {r["trial_id"]: r for r in outcome["rows"]}
+    for r in rows.values():   # each run ends itself at the budget with a finished record
+        assert json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["stop_reason"] == "time budget"
+    exploits = [(tid, a) for tid, r in rows.items() for a in r["attempts"] if a["source"] not in (None, a["run"])]
+    assert exploits, "no exploitation happened"
+    tid, a = exploits[0]
+    source_id = a["source"].rsplit("-", 1)[-1]
+    copied = tune_checkpoints(sweep, source_id)[a["from_step"]]
+    # the trial's next checkpoint equals a plain --resume of the source's checkpoint, run with the
+    # trial's new learning rates for one epoch: the trainer really continued the source's weights
+    after = min(s for s in tune_checkpoints(sweep, tid) if s > a["from_step"])
+    redo = trial_config({**read_meta(copied)["config"], "lr": a["lr"], "lr_d": a["lr_d"]}, "redo")
+    redo = override(redo, out_dir=str(tmp_path / "redo"), max_steps=after, resume=True, wandb=False)
+    shutil.copytree(copied, redo.run_dir / "checkpoints" / checkpoint_name(a["from_step"]))
+    train(redo)
+    mine, plain = weights(tune_checkpoints(sweep, tid)[after]), weights(redo.run_dir / "checkpoints" /
+                                                                          checkpoint_name(after))
+    assert mine.keys() == plain.keys() and all(torch.equal(mine[k], plain[k]) for k in mine)
+    best = json.loads((sweep / "best.json").read_text())
+    assert best["scheduler"] == "pbt" and Path(best["best_checkpoint"]).is_dir()
+    assert best["schedule"][0]["from_step"] == 0 and best["schedule"][-1]["run"].endswith(best["trial_id"])
+    # PBT keeps the fields it does not mutate at cpu-demo's (or the list's first) value
+    assert {r["batch_size"] for r in rows.values()} == {preset_point()["batch_size"]}
+
+
+class StopAfterFirstEnd(Callback):
+    """Ctrl-C (SIGUSR1, as Tune takes it) once one trial has ended and another has reported."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if any(t.status == "TERMINATED" for t in trials) and not self.flag.exists():
+            self.flag.touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_an_interrupted_sweep_resumes_and_runs_each_trial_once(ray_session, tmp_path):
+    sc = build(GanSweepConfig, out_dir=str(tmp_path), name="cut", **{**TINY, "num_samples": 3, "grace_period_s": 8.0},
+               cpus_per_trial=1.0)
+    first = run_sweep(sc, callbacks=[StopAfterFirstEnd(tmp_path / "interrupted")], verbose=0)
+    assert (tmp_path / "interrupted").exists() and first["unfinished"] >= 1
+    sweep = first["sweep_dir"]
+    assert not (sweep / "results.csv").exists()
+    with pytest.raises(UsageError, match="--resume"):
+        run_sweep(sc, verbose=0)
+    second = run_sweep(override(sc, resume=True), verbose=0)
+    assert second["unfinished"] == 0 and second["trials"] == 3
+    ended_first, resumed, untouched = {r["trial_id"] for r in first["rows"] if r["status"] == "time budget"}, 0, 0
+    for r in list(csv.DictReader(open(sweep / "results.csv"))):
+        epochs = [rep["epoch"] for rep in tune_reports(sweep, r["trial_id"])]
+        assert epochs == list(range(1, len(epochs) + 1))          # every stage reported once
+        starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
+        assert starts == sorted(starts) and r["status"] == "time budget"   # never back to an earlier step
+        resumed += any(s > 0 for s in starts)
+        untouched += starts == [0] and r["trial_id"] in ended_first
+    assert resumed >= 1 and untouched == len(ended_first) >= 1   # a trial that had ended was not run again
+
+
+def flags(d: dict) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, bool):
+            out.append(("--" if v else "--no-") + k.replace("_", "-"))
+        else:
+            out += ["--" + k.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)])]
+    return out
+
+
+BAD = [
+    (["--scheduler", "bohb"], "--scheduler"),
+    (["--lr-g", "1e-3"], "--lr-g takes two positive numbers"),
+    (["--lr-d", "1e-3", "1e-4"], "--lr-d takes two positive numbers"),
+    (["--batch-sizes", "0"], "--batch-sizes values must be >= 1"),
+    (["--time-budget-s", "0"], "--time-budget-s"),
+    (["--stage-samples", "20000"], "--stage-samples"),
+    (["--widths", "8,x"], "--widths"),
+    (["--batch-sizes", "1024", "--train-subset", "512"], "exceeds the 512 training images"),
+    (["--grace-period-s", "100", "--time-budget-s", "50"], "--grace-period-s (100) must not exceed"),
+    (["--resume"], "--resume: no sweep"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD, ids=[f"{k}-{a[0]}" for k, (a, _) in enumerate(BAD)])
+def test_bad_input_gives_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*argv, "--out-dir", str(tmp_path), "--no-wandb"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())      # nothing written
