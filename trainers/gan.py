@@ -217,16 +217,21 @@ def build_models(cfg: GANConfig) -> tuple[Generator, Discriminator]:
     return Generator(cfg.model.latent_dim, cfg.model.base_channels), Discriminator(cfg.model.base_channels)
 
 
-def ema_of(generator: torch.nn.Module, decay: float) -> AveragedModel:
-    """An EMA of G's weights with warm-up, decay_t = min(decay, (1+t)/(10+t)) at its t-th update.
-    Its BatchNorm statistics are re-estimated before it samples (averaged weights do not match the
+def ema_of(generator: torch.nn.Module) -> AveragedModel:
+    """A copy of G to average its weights into (``ema_step``), checkpointed with the run. Its
+    BatchNorm statistics are re-estimated before it samples (averaged weights do not match the
     live generator's running statistics)."""
-    def ema_update(averaged, current, t):   # t: a tensor on G's device; no host sync per parameter
-        weight = 1 - torch.clamp((1 + t) / (10 + t), max=decay)
-        return torch.lerp(averaged, current.to(averaged.dtype), weight.to(averaged.dtype))
-    ema = AveragedModel(generator, avg_fn=ema_update)
-    ema.update_parameters(generator)   # the first update copies G: t counts the averaging updates from 1
-    return ema.eval().requires_grad_(False)
+    return AveragedModel(generator).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_step(ema: AveragedModel, generator: torch.nn.Module, decay: float, t: int) -> None:
+    """The t-th update (t = 1, 2, ...: the iteration) of the EMA, with warm-up:
+    ema <- ema + (1 - decay_t) (G - ema), decay_t = min(decay, (1+t)/(10+t)).
+    t comes from the loop, not from a device counter, so the step needs no host sync."""
+    weight = 1 - min(decay, (1 + t) / (10 + t))
+    for averaged, current in zip(ema.module.parameters(), generator.parameters()):
+        averaged.lerp_(current.to(averaged.dtype), weight)
 
 
 def load_generator(checkpoint_path: str | Path) -> tuple[Generator, GANConfig]:
@@ -290,7 +295,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     total = o.epochs * iters if not o.max_steps else min(o.max_steps, o.epochs * iters)
 
     G, D = build_models(cfg)
-    ema = ema_of(G, o.ema_decay) if o.ema_decay > 0 else None
+    ema = ema_of(G) if o.ema_decay > 0 else None
     if world > 1:  # batch statistics over the global batch, identical buffers on every rank
         G, D = synchronise_batchnorm(G, device.type), synchronise_batchnorm(D, device.type)
     if o.channels_last:
@@ -392,7 +397,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         opt_g.step()
         D_plain.requires_grad_(True)
         if ema is not None:
-            ema.update_parameters(G_plain)
+            ema_step(ema, G_plain, o.ema_decay, step)
         clock.skipped_d += int(opt_d.step_was_skipped)
         clock.skipped_g += int(opt_g.step_was_skipped)
         pending.append(torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(logit_real).mean().detach(),
