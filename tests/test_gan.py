@@ -127,7 +127,7 @@ def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
 def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path, precision, steps, tol):
     cfg = tiny(tmp_path, run_name="ref", max_steps=steps, ema_decay=0.0, stages="0", mixed_precision=precision)
     train(cfg)
-    G, D, _ = plain_train(cfg, load_train_images(cfg), steps)
+    G, D, _ = plain_train(cfg, load_train_images(cfg), steps, fused_adam=True)
     ckpt = tmp_path / "ref" / "checkpoints" / f"step_{steps:08d}"
     for model, file in ((G, "model.safetensors"), (D, "model_1.safetensors")):
         saved = load_file(ckpt / file)
