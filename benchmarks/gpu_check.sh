@@ -74,7 +74,7 @@ step 50 gan_speed_b64 "$PY" benchmarks/gan_speed.py --base-channels 64 --batch-s
     --steps 100 --rounds 3 --json "$RES/gan_speed_b64_bs64_bf16.json"
 step 110 gan_paper accelerate launch --config_file launch/gpu_1.yaml --mixed_precision bf16 trainers/gan.py \
     --preset paper --epochs 1 --no-wandb --no-progress --out-dir "$RUNS" --run-name gan-paper-bf16
-step 40 lstm_T20 accelerate launch --config_file launch/gpu_1.yaml trainers/lstm.py --seq-length 20 --steps 2000 \
+step 60 lstm_T20 accelerate launch --config_file launch/gpu_1.yaml trainers/lstm.py --seq-length 20 --steps 1500 \
     --no-wandb --no-progress --out-dir "$RUNS" --run-name lstm-T20
 if [ "$gpus" -ge 2 ]; then
     step 90 gan_2gpu accelerate launch --config_file launch/gpu_node.yaml --num_processes 2 --mixed_precision bf16 \

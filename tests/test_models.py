@@ -31,7 +31,9 @@ if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
 
 
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# On CUDA, cuDNN's fp32 kernels sum in another order than the loops: the parity tests measured up to
+# 1.7e-5 on an NVIDIA H200 (benchmarks/results/gpu/nvidia-h200/gpu_check.txt), so fp32 gets 5e-5 there.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE.type == "cpu" else 5e-5}
 # The LSTM's paths: the fused layer with its C++ step kernels (CPU, float32/64), the fused layer
 # with its pointwise work in TorchScript ops (GPU, bf16/fp16, or no compiler), the eager loop.
 LSTM_PATHS = ("script", "script-ts", "eager")
