@@ -383,8 +383,11 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         epoch, it = (step - 1) // iters + 1, (step - 1) % iters
         if batches_epoch != epoch:
             batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch).to(device), epoch
+            # the z of the epoch's remaining steps in one host-to-device copy, not one per step
+            zs_from, upto = step, min(epoch * iters, total)
+            zs = torch.stack([step_noise(cfg, rank, world, s) for s in range(zs_from, upto + 1)]).to(device)
         real = images[batches[it]]                                 # (B, 1, 28, 28)
-        z = step_noise(cfg, rank, world, step).to(device)           # (B, latent)
+        z = zs[step - zs_from]                                     # (B, latent)
         if o.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
 
