@@ -262,12 +262,12 @@ def test_sigkill_then_resume_offline_gives_two_segments_of_one_name_and_group_wi
     from trainers.tracking import RUN_ID_FILE, read_run_id
 
     args = ["trainers/lstm.py", "--hidden-dim", "16", "--val-size", "200", "--batch-size", "32", "--no-progress",
-            "--eval-every", "20", "--log-every", "10", "--checkpoint-every", "40", "--out-dir", tmp_path,
+            "--eval-every", "20", "--log-every", "10", "--checkpoint-every", "20", "--out-dir", tmp_path,
             "--run-name", "cut"]
     run = tmp_path / "cut"
     child = subprocess.Popen([sys.executable, *map(str, args), "--steps", "100000"], cwd=ROOT, env=clean_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    signal_when(child, (run / "checkpoints" / "step_00000080").exists, signal.SIGKILL, "checkpoint step_00000080")
+    signal_when(child, (run / "checkpoints" / "step_00000040").exists, signal.SIGKILL, "checkpoint step_00000040")
     child.communicate()
     assert child.returncode == -signal.SIGKILL
     kept = read_run_id(run)

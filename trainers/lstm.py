@@ -59,7 +59,7 @@ class Model:
     """model"""
     model: Literal["lstm", "rnn"] = "lstm"  # lstm (equations 1-8) or the vanilla rnn baseline
     hidden_dim: int = 128  # hidden units H
-    backend: Literal["script", "eager"] = "script"  # time loop: script (TorchScript) or eager (plain Python)
+    backend: Literal["script", "eager", "compile"] = "script"  # time loop: script (TorchScript), eager or compile
     forget_bias: float = 1.0  # initial forget-gate bias b_f (the report's init is 0)
 
 
