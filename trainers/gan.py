@@ -328,7 +328,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
-                            job_type=cfg.log.wandb_job_type, tags=[cfg.preset, f"b{cfg.model.base_channels}"])
+                            job_type=cfg.log.wandb_job_type, tags=[cfg.preset, f"b{cfg.model.base_channels}"],
+                            resumed_from=start)   # one wandb run across restarts (its id kept in the run folder)
     stop, z_fixed, stages = StopFlag(), fixed_noise(cfg), cfg.stage_list()
 
     def sampler() -> torch.nn.Module:
