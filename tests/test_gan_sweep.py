@@ -47,6 +47,12 @@ def tune_checkpoints(sweep_dir: Path, trial_id: str) -> dict[int, Path]:
     return {read_meta(c)["step"]: c for c in trial_dir.glob("checkpoint_*")}
 
 
+def trained_from(sweep_dir: Path, trial_id: str, attempt: dict) -> list[int]:
+    """Steps of the trial's checkpoints that the attempt trained (past its start, with its learning rates)."""
+    return [s for s, c in tune_checkpoints(sweep_dir, trial_id).items() if s > attempt["from_step"]
+            and (read_meta(c)["config"]["lr"], read_meta(c)["config"]["lr_d"]) == (attempt["lr"], attempt["lr_d"])]
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -65,7 +71,7 @@ def test_tiny_asha_sweep_writes_every_output_and_each_trial_ends_itself(ray_sess
         assert [rep["epoch"] for rep in reports] == list(range(1, len(reports) + 1)) == \
             list(range(1, int(r["stages"]) + 1))
         walls = [0.0] + [rep["wall_s"] for rep in reports]   # the budget rule: stop when the next epoch,
-        ends = [w + (w - prev) > 8.0 for prev, w in zip(walls, walls[1:])]   # as long as the last, would end past it
+        ends = [w + (w - prev) >= 8.0 for prev, w in zip(walls, walls[1:])]   # as long as the last, would end past it
         assert not any(ends[:-1]) and (ends[-1] or r["status"] != "time budget")
         for rep in reports:   # the reported ratio is the stage FID the trainer recorded over the floor
             stage = metrics["stages"][str(rep["epoch"])]
@@ -100,14 +106,17 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     rows = {r["trial_id"]: r for r in outcome["rows"]}
     for r in rows.values():   # each run ends itself at the budget with a finished record
         assert json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["stop_reason"] == "time budget"
-    exploits = [(tid, a) for tid, r in rows.items() for a in r["attempts"] if a["source"] not in (None, a["run"])]
+        reports = tune_reports(sweep, r["trial_id"])   # no report past the budget
+        assert reports and not any(rep["wall_s"] + rep["epoch_s"] >= 20.0 for rep in reports[:-1])
+    # exploitations the trial trained on from (one that copied a checkpoint which had used the budget ends at once)
+    exploits = [(tid, a, min(later)) for tid, r in rows.items() for a in r["attempts"]
+                if a["source"] not in (None, a["run"]) and (later := trained_from(sweep, tid, a))]
     assert exploits, "no exploitation happened"
-    tid, a = exploits[0]
+    tid, a, after = exploits[0]
     source_id = a["source"].rsplit("-", 1)[-1]
     copied = tune_checkpoints(sweep, source_id)[a["from_step"]]
     # the trial's next checkpoint equals a plain --resume of the source's checkpoint, run with the
     # trial's new learning rates for one epoch: the trainer really continued the source's weights
-    after = min(s for s in tune_checkpoints(sweep, tid) if s > a["from_step"])
     redo = trial_config({**read_meta(copied)["config"], "lr": a["lr"], "lr_d": a["lr_d"]}, "redo")
     redo = override(redo, out_dir=str(tmp_path / "redo"), max_steps=after, resume=True, wandb=False)
     shutil.copytree(copied, redo.run_dir / "checkpoints" / checkpoint_name(a["from_step"]))

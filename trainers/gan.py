@@ -262,13 +262,15 @@ class Clock:
         return self.wall_before + time.perf_counter() - self.t0
 
 
-def train(cfg: GANConfig, on_stage: Callable[[int, dict, Path], str | None] | None = None) -> dict:
+def train(cfg: GANConfig, on_stage: Callable[[int, dict, Path], str | None] | None = None,
+          stop_reason: str | None = None) -> dict:
     """Train under an Accelerator (``accelerate launch`` decides devices and processes); return
     the final metrics, also written to ``<run>/metrics.json``. A collective that fails or times
     out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept.
     ``on_stage(step, numbers, ckpt)`` is called on one process after each stage past epoch 0 and
     its checkpoint (Ray Tune reports through it); a string it returns ends the run there,
-    recorded as ``stop_reason`` (else: completed or interrupted)."""
+    recorded as ``stop_reason`` (else: completed or interrupted). A run resumed with ``stop_reason``
+    trains no further: it writes its record, ended for that reason, from its checkpoint."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
         resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
@@ -281,10 +283,10 @@ def train(cfg: GANConfig, on_stage: Callable[[int, dict, Path], str | None] | No
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
         with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
-            return _train(cfg, images, resume_from, on_stage)
+            return _train(cfg, images, resume_from, on_stage, stop_reason)
 
 
-def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_stage=None) -> dict:
+def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_stage=None, stop_reason=None) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs
     run_dir, ckpt_dir, o = cfg.run_dir, cfg.run_dir / "checkpoints", cfg.optim
     # Synchronised BatchNorm keeps every rank's BatchNorm buffers equal, so DDP need not
@@ -380,12 +382,12 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_st
                disable=not (cfg.run.progress and accelerator.is_local_main_process))
     ones, zeros = torch.ones(o.batch_size, device=device), torch.zeros(o.batch_size, device=device)
     pending: list[torch.Tensor] = []   # per-iteration stats kept on the device until the next log
-    step, batches, batches_epoch, reason = start, None, -1, None   # reason: why on_stage ended the run
+    step, batches, batches_epoch, reason = start, None, -1, stop_reason   # reason: why the run ends early
     loop_start, clock.aside_s = time.perf_counter(), 0.0
     ALL_REDUCE_STATS.update(seconds=0.0, calls=0)
     G.train()
     D.train()
-    for step in range(start + 1, total + 1):
+    for step in range(start + 1, (start if reason else total) + 1):
         epoch, it = (step - 1) // iters + 1, (step - 1) % iters
         if batches_epoch != epoch:
             batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch).to(device), epoch

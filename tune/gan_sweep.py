@@ -41,6 +41,7 @@ from typing import Literal, Sequence
 from trainers.checkpoint import checkpoint_name, read_meta
 from trainers.cli import (UsageError, check_choices, flatten, from_saved, override, require_at_least,
                           require_non_negative, require_positive, require_writable_dir, run_cli)
+from trainers.files import write_json_atomic
 from trainers.gan import GANConfig, make_config, train
 from tune import common, gan_report
 from tune.common import Floats, Ints, check_list, with_resources
@@ -49,6 +50,8 @@ from tune.gan_report import ATTEMPTS, METRIC, TIME_ATTR   # the schedulers' metr
 CULLED = "culled"             # <sweep>/culled/<trial id>: ASHA's verdict on a trial it culls
 RECORDED = "recorded"         # <sweep>/recorded/<trial id>: the last step Tune recorded as the trial started
 TIME_BUDGET = "time budget"   # stop_reason of a trial whose next epoch would end past --time-budget-s
+NEXT_END = "next_end_s"       # reported: the wall time the next epoch would end at, as long as the last
+EPOCH_TIME = "epoch_time.json"   # in a reported checkpoint: the wall time and the last epoch's length
 PRESET = "cpu-demo"           # every trial starts from this preset's config
 SAMPLED = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")   # GANConfig fields a trial draws
 
@@ -175,11 +178,18 @@ def restore_checkpoint(run_dir: Path) -> dict:
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)   # a later one of this trial's is not its past
     (run_dir / "metrics.json").unlink(missing_ok=True)   # an earlier attempt's; written again at the end
     if restored is None:
-        return {"from_step": 0, "source": None, "wall_s": 0.0}
+        return {"from_step": 0, "source": None, "wall_s": 0.0, "epoch_s": 0.0}
     with restored.as_directory() as folder:
         meta = read_meta(Path(folder))
         shutil.copytree(folder, run_dir / "checkpoints" / checkpoint_name(meta["step"]))
-    return {"from_step": meta["step"], "source": meta["config"]["run_name"], "wall_s": meta["extra"]["wall_time"]}
+        epoch_s = json.loads((Path(folder) / EPOCH_TIME).read_text())["epoch_s"]
+    return {"from_step": meta["step"], "source": meta["config"]["run_name"], "wall_s": meta["extra"]["wall_time"],
+            "epoch_s": epoch_s}
+
+
+def budget_used(wall_s: float, epoch_s: float, budget_s: float) -> bool:
+    """The time budget's rule: no epoch is started that, as long as the last one, would end at or past it."""
+    return wall_s + epoch_s >= budget_s
 
 
 def run_trial(config: dict) -> None:
@@ -208,26 +218,40 @@ def run_trial(config: dict) -> None:
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({**start, "run": cfg.name, "lr": cfg.optim.lr, "lr_d": cfg.optim.lr_d,
                             "time": time.time(), "pid": os.getpid()}) + "\n")
+    if start["from_step"] and budget_used(start["wall_s"], start["epoch_s"], budget):
+        # the checkpoint Tune hands over (PBT: a trial that ended at the budget) used the budget:
+        # end at once, with the trainer's record of the run up to it
+        train(override(cfg, resume=True), stop_reason=TIME_BUDGET)
+        return
     device = "cuda" if config.get("gpus", 0) > 0 else "cpu"
     floor = scorer_for(device).floor(n=cfg.eval.stage_samples)["fid"]   # real images, as many as a stage scores
-    last_wall = [start["wall_s"]]
+    last_wall, final = [start["wall_s"]], []
 
     def on_stage(step: int, numbers: dict, ckpt: Path) -> str | None:
-        """Report the stage with its checkpoint, then end the run if ASHA culled it (the verdict is
-        on disk once Tune answers) or the next epoch would end past the budget."""
+        """Report the stage with its checkpoint (which keeps the epoch's time, for a restart), then
+        end the run if ASHA culled it (the verdict is on disk once Tune answers) or the budget is
+        used. The last stage of a run is reported after the trainer has written its record:
+        whatever Tune or PBT then does with the trial (stop it, pause it) finds the record done."""
         wall, epoch_s = numbers["wall_s"], numbers["wall_s"] - last_wall[0]
         last_wall[0] = wall
+        write_json_atomic(ckpt / EPOCH_TIME, {"wall_s": wall, "epoch_s": epoch_s})
         result = {METRIC: numbers["eval/fid"] / floor, "fid": numbers["eval/fid"], "floor_fid": floor,
                   "classifier_score": numbers["eval/classifier_score"], "epoch": numbers["epoch"], "step": step,
                   "min_class_frac": numbers["eval/min_class_frac"], "max_class_frac": numbers["eval/max_class_frac"],
-                  TIME_ATTR: wall}
-        if step > recorded:
-            tune.report(result, checkpoint=Checkpoint.from_directory(str(ckpt)))
+                  TIME_ATTR: wall, "epoch_s": epoch_s, NEXT_END: wall + epoch_s}
+        report = (result, Checkpoint.from_directory(str(ckpt))) if step > recorded else None
+        if budget_used(wall, epoch_s, budget) or numbers["epoch"] == cfg.optim.epochs:
+            final.append(report)
+            return TIME_BUDGET if budget_used(wall, epoch_s, budget) else None
+        if report:
+            tune.report(report[0], checkpoint=report[1])
         if verdict.exists():
             return verdict.read_text().strip() or CULLED_BY_ASHA
-        return TIME_BUDGET if wall + epoch_s > budget else None
+        return None
 
     train(override(cfg, resume=start["from_step"] > 0), on_stage=on_stage)
+    if final and final[0]:
+        tune.report(final[0][0], checkpoint=final[0][1])
 
 
 def trial_dirname(trial) -> str:
@@ -308,6 +332,9 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
             name="tune", storage_path=str(sc.sweep_dir), verbose=verbose,
             callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED), "step")],
             failure_config=tune.FailureConfig(max_failures=sch.max_failures),
+            # the budget as Tune's own stop condition too: a trial's last report (sent once its record
+            # is written) ends it, so no scheduler (PBT's perturbation) pauses a trial that is done
+            stop={NEXT_END: sc.trial.time_budget_s},
             # ASHA: the latest checkpoint (what a retry resumes) and the best one (best.json); PBT: every
             # one (a trial may copy one its source has since passed, which Tune would otherwise delete)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sch.scheduler == "pbt" else 1,
