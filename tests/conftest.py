@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import socket
@@ -46,7 +47,6 @@ def run_script(args, cwd=ROOT, timeout=300, **env):
 def rank_facts(run_dir: Path) -> dict:
     """``{name: [rank 0's value, rank 1's, ...]}``: what a run launched with PALGAN_DEBUG=1 gathered
     from every rank at its end (hashes of each rank's weights and first batch, images scored, ...)."""
-    import json
     return json.loads((Path(run_dir) / "debug.json").read_text())
 
 
@@ -137,3 +137,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray (2 CPUs) for a module's sweeps, with offline wandb and one thread per worker."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:   # inherited by the Ray workers started below
+        _clear_tracking_env(mp)
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("OMP_NUM_THREADS", "1")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=100 * 1024 ** 2)
+        yield
+        ray.shutdown()
+
+
+def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
+    """Ray Tune's own record of one trial of the sweep at ``sweep_dir``: every line of its result.json."""
+    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
+    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]

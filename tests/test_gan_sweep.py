@@ -1,7 +1,10 @@
-"""The DCGAN sweep end to end on a tiny problem: ASHA and PBT, every output read back from disk, PBT's
-exploitation checked against a plain resume of the copied checkpoint, an interrupted sweep resumed,
-bad input. Shares the module-wide local Ray session of the "ray" xdist group (tests/conftest.py)."""
+"""The DCGAN sweep end to end on a tiny problem: one ASHA sweep interrupted and resumed (shared by the
+ASHA, budget and resume checks), a PBT sweep whose exploitation is checked against a plain resume of
+the copied checkpoint, bad input. Shares the module-wide local Ray session of the "ray" xdist group
+(tests/conftest.py)."""
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -13,32 +16,45 @@ import pytest
 import torch
 from ray.tune.callback import Callback
 
-from trainers.checkpoint import checkpoint_name, read_meta
+from conftest import tune_reports
+from trainers.checkpoint import checkpoint_name, list_checkpoints, read_meta
 from trainers.cli import UsageError, build, override, run_cli
-from trainers.gan import train
-from tune.gan_sweep import GanSweepConfig, main, preset_point, run_sweep, trial_config
+from trainers.gan import parse_train_args, train
+from tune.common import UNFINISHED
+from tune.gan_sweep import GanSweepConfig, main, parse_sweep, preset_point, run_sweep, trial_config
 
-# 512 images, width 8, 200 scored samples: an epoch and its stage in a few seconds
-TINY = dict(train_subset=512, widths=(8,), batch_sizes=(32, 64), stage_samples=200, time_budget_s=8.0,
-            grace_period_s=2.0, perturbation_interval_s=3.0, num_samples=2, wandb=False)
+# 512 images, width 8, 200 scored samples: an epoch and its stage in about a second
+TINY = dict(train_subset=512, widths=(8,), batch_sizes=(32, 64), stage_samples=200, time_budget_s=5.0,
+            grace_period_s=2.0, perturbation_interval_s=2.0, num_samples=3, wandb=False)
+
+
+class StopAfterFirstEnd(Callback):
+    """Ctrl-C (SIGUSR1, as Tune takes it) once one trial has ended and another has reported."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if any(t.status == "TERMINATED" for t in trials) and not self.flag.exists():
+            self.flag.touch()
+            os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:   # inherited by the Ray workers started below
-        mp.setenv("OMP_NUM_THREADS", "1")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=100 * 1024 ** 2)
-        yield
-        ray.shutdown()
-
-
-def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
-    """Tune's own record of one trial: every line of its result.json."""
-    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+def asha_sweep(ray_session, tmp_path_factory):
+    """One tiny ASHA sweep of 3 trials on 2 slots, Ctrl-C'd once a trial has ended, then resumed
+    through the command line: ``(first outcome, resumed outcome, its stdout, sweep folder)``."""
+    out = tmp_path_factory.mktemp("gan-asha")
+    argv = ["--out-dir", str(out), "--name", "asha", *flags(TINY)]
+    sc = parse_sweep(argv, prog="test", description="")
+    first = run_sweep(sc, callbacks=[StopAfterFirstEnd(out / "interrupted")], verbose=0)
+    assert (out / "interrupted").exists()
+    first["report_written"] = (out / "sweeps" / "asha" / "results.csv").exists()   # not before every trial ends
+    with pytest.raises(UsageError, match="--resume"):   # the same sweep again without --resume
+        run_sweep(sc, verbose=0)
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        second = main([*argv, "--resume"])
+    return first, second, stdout.getvalue(), out / "sweeps" / "asha"
 
 
 def tune_checkpoints(sweep_dir: Path, trial_id: str) -> dict[int, Path]:
@@ -59,19 +75,23 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {f.name + k: v for f in sorted(ckpt.glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_tiny_asha_sweep_writes_every_output_and_each_trial_ends_itself(ray_session, tmp_path, capsys):
-    outcome = main(["--out-dir", str(tmp_path), "--name", "asha", *flags(TINY), "--num-samples", "3"])
-    sweep = tmp_path / "sweeps" / "asha"
+def test_tiny_asha_sweep_writes_every_output_and_each_trial_ends_itself(asha_sweep, tmp_path):
+    _, outcome, stdout, sweep = asha_sweep
     rows = list(csv.DictReader(open(sweep / "results.csv")))
-    assert outcome["trials"] == len(rows) == 3 and outcome["errors"] == 0
+    assert outcome["trials"] == len(rows) == 3 and outcome["errors"] == 0 and outcome["unfinished"] == 0
     for r in rows:
         metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())   # the trainer's finished record
         assert metrics["stop_reason"] == r["status"] and r["status"].split(":")[0] in ("time budget", "culled by ASHA")
         reports = tune_reports(sweep, r["trial_id"])
         assert [rep["epoch"] for rep in reports] == list(range(1, len(reports) + 1)) == \
             list(range(1, int(r["stages"]) + 1))
-        walls = [0.0] + [rep["wall_s"] for rep in reports]   # the budget rule: stop when the next epoch,
-        ends = [w + (w - prev) >= 8.0 for prev, w in zip(walls, walls[1:])]   # as long as the last, would end past it
+        # the budget rule: stop when the next epoch, as long as the last, would end at or past the budget
+        assert all(0 < rep["epoch_s"] <= rep["wall_s"] and rep["next_end_s"] == rep["wall_s"] + rep["epoch_s"]
+                   for rep in reports)
+        if len((Path(r["run_dir"]) / "attempts.jsonl").read_text().splitlines()) == 1:   # one run: its epochs
+            walls = [0.0] + [rep["wall_s"] for rep in reports]
+            assert [rep["epoch_s"] for rep in reports] == pytest.approx([b - a for a, b in zip(walls, walls[1:])])
+        ends = [rep["next_end_s"] >= 5.0 for rep in reports]
         assert not any(ends[:-1]) and (ends[-1] or r["status"] != "time budget")
         for rep in reports:   # the reported ratio is the stage FID the trainer recorded over the floor
             stage = metrics["stages"][str(rep["epoch"])]
@@ -87,19 +107,51 @@ def test_tiny_asha_sweep_writes_every_output_and_each_trial_ends_itself(ray_sess
     assert all(r["trial_id"] in table for r in rows) and "time budget" in table
     image = mpimg.imread(sweep / "figures" / "fid_vs_time.png")
     assert image.shape[0] > 300 and image.std() > 0.01
-    assert "3 trials (0 failed)" in capsys.readouterr().out
+    assert "3 trials (0 failed)" in stdout
     # the result is a configuration: best.json's flags, trained from scratch, reach the trial's best
-    # stage FID exactly (training on the CPU is deterministic)
-    from trainers.gan import parse_train_args
-
+    # stage FID exactly (training on the CPU is deterministic). The run is ended at that stage, as the
+    # trial was, not at its --epochs (the end-of-training evaluation is not what is compared).
     cfg = override(parse_train_args([*best["argv"], "--out-dir", str(tmp_path / "again"), "--no-wandb"]),
-                   progress=False, stage_samples=200, eval_samples=200)
-    assert train(cfg)["stages"][str(best["best_epoch"])]["eval/fid"] == pytest.approx(best["best_fid"], rel=1e-6)
+                   progress=False, epochs=best["best_epoch"] + 1)
+    retrained = train(cfg, on_stage=lambda step, numbers, ckpt: "seen" if numbers["epoch"] == best["best_epoch"]
+                      else None)
+    assert retrained["stages"][str(best["best_epoch"])]["eval/fid"] == pytest.approx(best["best_fid"], rel=1e-6)
+
+
+def test_an_interrupted_sweep_resumes_and_runs_each_trial_once(asha_sweep):
+    first, second, _, sweep = asha_sweep
+    assert first["unfinished"] >= 1 and not first["report_written"]
+    assert second["unfinished"] == 0 and second["trials"] == 3
+    ended_first = {r["trial_id"] for r in first["rows"] if r["status"] not in (*UNFINISHED, "failed")}
+    resumed = untouched = 0
+    for r in second["rows"]:
+        epochs = [rep["epoch"] for rep in tune_reports(sweep, r["trial_id"])]
+        assert epochs == list(range(1, len(epochs) + 1))          # every stage reported once
+        starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
+        assert starts == sorted(starts)   # never back to an earlier step
+        resumed += any(s > 0 for s in starts)
+        untouched += starts == [0] and r["trial_id"] in ended_first
+    assert resumed >= 1 and untouched == len(ended_first) >= 1   # a trial that had ended was not run again
+
+
+def test_a_trial_restored_from_a_checkpoint_that_used_the_budget_ends_at_once(asha_sweep, tmp_path):
+    """What a PBT trial does when it copies such a checkpoint (a trial that ended at the budget): the
+    trainer writes its record of the run up to it, ended by the budget, without another iteration."""
+    _, outcome, _, sweep = asha_sweep
+    r = next(r for r in outcome["rows"] if r["status"] == "time budget")
+    step, ckpt = max(tune_checkpoints(sweep, r["trial_id"]).items())
+    cfg = override(trial_config(read_meta(ckpt)["config"], "again"), out_dir=str(tmp_path), resume=True)
+    shutil.copytree(ckpt, cfg.run_dir / "checkpoints" / checkpoint_name(step))
+    metrics = train(cfg, stop_reason="time budget")
+    assert metrics["stop_reason"] == "time budget" and metrics["steps"] == step and not metrics["finished"]
+    assert metrics["stages"] == read_meta(ckpt)["extra"]["record"]["stages"]
+    assert json.loads((cfg.run_dir / "metrics.json").read_text())["steps"] == step
+    assert list_checkpoints(cfg.run_dir / "checkpoints") == [cfg.run_dir / "checkpoints" / checkpoint_name(step)]
 
 
 def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session, tmp_path):
     sc = build(GanSweepConfig, out_dir=str(tmp_path), name="pbt", scheduler="pbt",
-               **{**TINY, "time_budget_s": 20.0, "perturbation_interval_s": 2.0})
+               **{**TINY, "train_subset": 256, "stage_samples": 100, "time_budget_s": 12.0, "num_samples": 2})
     outcome = run_sweep(sc, verbose=0)
     sweep = outcome["sweep_dir"]
     assert outcome["errors"] == 0 and outcome["trials"] == 2
@@ -107,7 +159,7 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     for r in rows.values():   # each run ends itself at the budget with a finished record
         assert json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["stop_reason"] == "time budget"
         reports = tune_reports(sweep, r["trial_id"])   # no report past the budget
-        assert reports and not any(rep["wall_s"] + rep["epoch_s"] >= 20.0 for rep in reports[:-1])
+        assert reports and not any(rep["wall_s"] + rep["epoch_s"] >= 12.0 for rep in reports[:-1])
     # exploitations the trial trained on from (one that copied a checkpoint which had used the budget ends at once)
     exploits = [(tid, a, min(later)) for tid, r in rows.items() for a in r["attempts"]
                 if a["source"] not in (None, a["run"]) and (later := trained_from(sweep, tid, a))]
@@ -129,40 +181,6 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     assert best["schedule"][0]["from_step"] == 0 and best["schedule"][-1]["run"].endswith(best["trial_id"])
     # PBT keeps the fields it does not mutate at cpu-demo's (or the list's first) value
     assert {r["batch_size"] for r in rows.values()} == {preset_point()["batch_size"]}
-
-
-class StopAfterFirstEnd(Callback):
-    """Ctrl-C (SIGUSR1, as Tune takes it) once one trial has ended and another has reported."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if any(t.status == "TERMINATED" for t in trials) and not self.flag.exists():
-            self.flag.touch()
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def test_an_interrupted_sweep_resumes_and_runs_each_trial_once(ray_session, tmp_path):
-    sc = build(GanSweepConfig, out_dir=str(tmp_path), name="cut", **{**TINY, "num_samples": 3, "grace_period_s": 8.0},
-               cpus_per_trial=1.0)
-    first = run_sweep(sc, callbacks=[StopAfterFirstEnd(tmp_path / "interrupted")], verbose=0)
-    assert (tmp_path / "interrupted").exists() and first["unfinished"] >= 1
-    sweep = first["sweep_dir"]
-    assert not (sweep / "results.csv").exists()
-    with pytest.raises(UsageError, match="--resume"):
-        run_sweep(sc, verbose=0)
-    second = run_sweep(override(sc, resume=True), verbose=0)
-    assert second["unfinished"] == 0 and second["trials"] == 3
-    ended_first, resumed, untouched = {r["trial_id"] for r in first["rows"] if r["status"] == "time budget"}, 0, 0
-    for r in list(csv.DictReader(open(sweep / "results.csv"))):
-        epochs = [rep["epoch"] for rep in tune_reports(sweep, r["trial_id"])]
-        assert epochs == list(range(1, len(epochs) + 1))          # every stage reported once
-        starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
-        assert starts == sorted(starts) and r["status"] == "time budget"   # never back to an earlier step
-        resumed += any(s > 0 for s in starts)
-        untouched += starts == [0] and r["trial_id"] in ended_first
-    assert resumed >= 1 and untouched == len(ended_first) >= 1   # a trial that had ended was not run again
 
 
 def flags(d: dict) -> list[str]:

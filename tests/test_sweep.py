@@ -15,6 +15,7 @@ import pytest
 from ray.tune.callback import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from conftest import tune_reports
 from trainers.cli import UsageError, build, flatten, from_saved, override, parse, run_cli
 from trainers.lstm import LSTMConfig, train
 from wandb_files import read_offline_run
@@ -27,28 +28,6 @@ TINY = dict(hidden_dims=(6,), num_samples=1, steps=30, eval_every=10, grace_peri
             val_size=100)
 TINY_FLAGS = [x for k, v in TINY.items()
               for x in ("--" + k.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)]))]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:   # inherited by the Ray workers started below
-        for k in [k for k in os.environ if k.startswith("WANDB_")]:
-            mp.delenv(k)
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=100 * 1024 ** 2)
-        yield
-        ray.shutdown()
-
-
-def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
-    """Tune's own record of one trial: every line of its result.json."""
-    (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
 
 
 def offline_runs(folder: Path) -> list[dict]:

@@ -154,12 +154,14 @@ def plot_fid_vs_time(rows: list[dict], f: dict, path: Path) -> Path:
 
 
 def retrain_config(row: dict):
-    """The GANConfig that retrains ``row``'s configuration from scratch to its best stage."""
+    """The GANConfig that retrains ``row``'s configuration from scratch to its best stage (scored
+    with as many samples as the sweep's stages, so its stage FID is the trial's)."""
     from tune.gan_sweep import PRESET
     from trainers.gan import make_config
 
-    cfg = make_config(PRESET, **{k: row["config"][k] for k in HYPER}, train_subset=row["config"]["train_subset"],
-                      seed=row["config"]["seed"], epochs=row["best_epoch"])
+    c = row["config"]
+    cfg = make_config(PRESET, **{k: c[k] for k in HYPER}, train_subset=c["train_subset"], seed=c["seed"],
+                      stage_samples=c["stage_samples"], epochs=row["best_epoch"])
     return override(cfg, stages=",".join(str(e) for e in range(0, row["best_epoch"] + 1)))
 
 
