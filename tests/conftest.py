@@ -158,3 +158,15 @@ def tune_reports(sweep_dir: Path, trial_id: str) -> list[dict]:
     """Ray Tune's own record of one trial of the sweep at ``sweep_dir``: every line of its result.json."""
     (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
     return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+
+
+def assert_cli_usage_error(main, argv: list[str], needle: str, out_dir: Path, capsys) -> None:
+    """``main`` run as its command line (run_cli) with ``argv`` and ``--out-dir out_dir --no-wandb``:
+    exit 2 with one line on stderr that holds ``needle``, no traceback, nothing written."""
+    from trainers.cli import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [*argv, "--out-dir", str(out_dir), "--no-wandb"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in err and not any(Path(out_dir).iterdir())      # nothing written

@@ -13,12 +13,13 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Sequence
 
 import tyro
 
-from trainers.cli import UsageError, flatten, from_saved, override
+from trainers.cli import UsageError, flatten, from_saved, override, require_writable_dir
 from trainers.files import write_json_atomic
 
 UNFINISHED = ("pending", "running", "paused")     # statuses of the trials an interrupted sweep left
@@ -56,6 +57,38 @@ def check_list(values: tuple, name: str, low: float | None = None) -> None:
     bad = [v for v in values if low is not None and v < low]
     if bad:
         raise UsageError(f"{flag} values must be >= {low}, got {bad[0]}")
+
+
+# --- the flag groups every sweep has ------------------------------------------------------------------
+
+@dataclass
+class Resources:
+    """scheduling and resources"""
+    cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
+    gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
+    max_failures: int = 2  # retries of a crashed trial, each from its last reported checkpoint
+    address: str = ""  # join this Ray cluster (host:port, ray://host:port or auto); empty starts a local Ray
+    num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
+
+
+@dataclass
+class Output:
+    """output"""
+    out_dir: str = "runs"  # root folder; the sweep goes to <out-dir>/sweeps/<name>
+    name: str = "sweep"  # sweep name: folder and wandb group
+    resume: bool = False  # continue the interrupted sweep <name> (Tuner.restore; its saved search flags)
+    quick: bool = False  # the quick preset (flags given still apply)
+    wandb: bool = True  # one offline wandb run per trial plus a summary run; --no-wandb for none
+    wandb_project: str = "palgan"  # wandb project
+
+
+def check_output(sc) -> None:
+    """The output flags of a sweep config ``sc``: a plain --name, a writable --out-dir and sweep folder."""
+    name = sc.output.name
+    if not name or "/" in name or name.startswith("."):
+        raise UsageError(f"--name must be a plain folder name, got {name!r}")
+    require_writable_dir(sc.output.out_dir, "out_dir")
+    require_writable_dir(sc.sweep_dir, "out_dir")
 
 
 # --- Ray -------------------------------------------------------------------------------------------
@@ -118,15 +151,31 @@ def load_for_resume(sc):
     return override(base, **{k: now[k] for k in RUNTIME_FLAGS})
 
 
-def run_sweep(sc, trainable: Callable, build_tuner: Callable, check_trials: Callable, collect_rows: Callable,
-              write_report: Callable) -> dict:
-    """Run (or resume) the sweep ``sc`` and, once every trial has ended, write its report.
+def sweep_runner(run_trial: Callable, build_tuner: Callable, check_trials: Callable, collect_rows: Callable,
+                 write_report: Callable) -> Callable:
+    """A sweep's ``run_sweep(sc, callbacks=None, verbose=1)``: run (or resume) the sweep ``sc`` and,
+    once every trial has ended, write its report.
 
-    ``check_trials(sc)`` validates trial configs before Ray starts; ``trainable(sc)`` and
-    ``build_tuner(sc)`` make what Tune runs; ``collect_rows(sweep_dir)`` reads one row per trial
-    (with its ``status``) back from disk, and ``write_report(sweep_dir, rows, wall_s)`` writes the
-    report. Returns ``{"sweep_dir", "trials", "unfinished", "errors", "rows", "config"}``;
-    ``unfinished > 0`` after an interrupt."""
+    ``check_trials(sc)`` validates trial configs before Ray starts; ``run_trial`` is the Tune function
+    trainable (given the sweep's resources here) and ``build_tuner(sc, trainable, callbacks, verbose)``
+    makes the Tuner; ``collect_rows(sweep_dir)`` reads one row per trial (with its ``status``) back from
+    disk, and ``write_report(sweep_dir, rows, wall_s)`` writes the report. ``run_sweep`` returns
+    ``{"sweep_dir", "trials", "unfinished", "errors", "rows", "config"}``; ``unfinished > 0`` after an
+    interrupt."""
+    def trainable(sc):
+        return with_resources(run_trial, sc)
+
+    def run_sweep(sc, callbacks=None, verbose: int = 1) -> dict:
+        return run(sc, trainable, lambda sc: build_tuner(sc, trainable(sc), callbacks, verbose), check_trials,
+                   collect_rows, write_report)
+
+    return run_sweep
+
+
+def run(sc, trainable: Callable, build_tuner: Callable, check_trials: Callable, collect_rows: Callable,
+        write_report: Callable) -> dict:
+    """What ``run_sweep`` does (sweep_runner), with ``trainable(sc)`` the trainable given ``sc``'s
+    resources and ``build_tuner(sc)`` a new sweep's Tuner."""
     t0 = time.perf_counter()
     sc.validate()
     sweep_dir = sc.sweep_dir
@@ -161,6 +210,23 @@ def run_sweep(sc, trainable: Callable, build_tuner: Callable, check_trials: Call
         write_report(sweep_dir, rows, wall_s=time.perf_counter() - t0)
     return {"sweep_dir": sweep_dir, "trials": len(rows), "unfinished": unfinished,
             "errors": sum(r["status"] == "failed" for r in rows), "rows": rows, "config": sc}
+
+
+def sweep_main(module: str) -> Callable:
+    """A sweep's command ``main(argv=None)``: its flags parsed, the sweep run, its table printed (or,
+    after an interrupt, how to continue). ``module`` (tune.lstm_sweep, tune.gan_sweep) is imported by
+    name, also when run as a script, so Ray pickles its trainable by module name."""
+    def main(argv=None) -> dict:
+        import importlib
+
+        sweep, prog = importlib.import_module(module), module.rsplit(".", 1)[-1]
+        sc = sweep.parse_sweep(argv, prog=f"tune/{prog}.py", description=sweep.__doc__.splitlines()[0])
+        t0 = time.perf_counter()
+        outcome = sweep.run_sweep(sc)
+        print_outcome(prog, outcome, time.perf_counter() - t0)
+        return outcome
+
+    return main
 
 
 def print_outcome(prog: str, outcome: dict, wall_s: float) -> None:

@@ -39,12 +39,12 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from trainers.checkpoint import checkpoint_name, read_meta
-from trainers.cli import (UsageError, check_choices, flatten, from_saved, override, require_at_least,
-                          require_non_negative, require_positive, require_writable_dir, run_cli)
+from trainers.cli import (UsageError, check_choices, flatten, override, require_at_least,
+                          require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
 from trainers.gan import GANConfig, make_config, train
 from tune import common, gan_report
-from tune.common import Floats, Ints, check_list, with_resources
+from tune.common import Floats, Ints, check_list
 from tune.gan_report import ATTEMPTS, METRIC, TIME_ATTR   # the schedulers' metric and clock
 
 CULLED = "culled"             # <sweep>/culled/<trial id>: ASHA's verdict on a trial it culls
@@ -81,41 +81,36 @@ class Trial:
 
 
 @dataclass
-class Scheduling:
+class Scheduling(common.Resources):
     """scheduling and resources"""
     scheduler: Literal["asha", "pbt"] = "asha"  # asha: fixed configurations; pbt: Population Based Training
     grace_period_s: float = 120.0  # ASHA: wall seconds before a trial can be stopped
     reduction_factor: float = 3.0  # ASHA: keep the best 1/rf of the trials at each rung
     perturbation_interval_s: float = 120.0  # PBT: wall seconds between exploit/explore steps of a trial
-    cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
-    gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
-    max_failures: int = 2  # retries of a crashed trial, each from its last reported checkpoint
-    address: str = ""  # join this Ray cluster (host:port, ray://host:port or auto); empty starts a local Ray
-    num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
 
 
 @dataclass
-class Output:
+class Output(common.Output):
     """output"""
-    out_dir: str = "runs"  # root folder; the sweep goes to <out-dir>/sweeps/<name>
     name: str = "gan-sweep"  # sweep name: folder and wandb group (--quick: gan-quick)
-    resume: bool = False  # continue the interrupted sweep <name> (Tuner.restore; its saved search flags)
     quick: bool = False  # the quick preset: 8,000 images, 60 s trials, 6 draws (flags given still apply)
-    wandb: bool = True  # one offline wandb run per trial plus a summary run; --no-wandb for none
-    wandb_project: str = "palgan"  # wandb project
 
 
 @dataclass
 class GanSweepConfig:
     """Ray Tune sweep of the DCGAN trainer: the lowest FID within a wall-time budget."""
-    search: Search = field(default_factory=Search)
-    trial: Trial = field(default_factory=Trial)
-    scheduling: Scheduling = field(default_factory=Scheduling)
-    output: Output = field(default_factory=Output)
+    search: Search = field(default_factory=Search)  # search space (ASHA draws all; PBT the learning rates)
+    trial: Trial = field(default_factory=Trial)  # every trial (the rest of GANConfig is the cpu-demo preset)
+    scheduling: Scheduling = field(default_factory=Scheduling)  # scheduling and resources
+    output: Output = field(default_factory=Output)  # output
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output.out_dir).expanduser().resolve() / "sweeps" / self.output.name
 
     def validate(self) -> None:
         check_choices(self)
-        s, t, sch, out = self.search, self.trial, self.scheduling, self.output
+        s, t, sch = self.search, self.trial, self.scheduling
         for name, low in (("lr_g", None), ("lr_d", None), ("beta1s", 0), ("ema_decays", 0), ("batch_sizes", 1),
                           ("widths", 1)):
             check_list(getattr(s, name), name, low=low)
@@ -135,17 +130,10 @@ class GanSweepConfig:
                                                                f"exceed --time-budget-s ({t.time_budget_s:g})"),
                         (sch.reduction_factor > 1, f"--reduction-factor must be > 1, got {sch.reduction_factor}"),
                         (t.stage_samples <= 10_000, f"--stage-samples must be at most 10000 (the real-data floor's "
-                                                    f"images), got {t.stage_samples}"),
-                        (out.name and "/" not in out.name and not out.name.startswith("."),
-                         f"--name must be a plain folder name, got {out.name!r}")):
+                                                    f"images), got {t.stage_samples}")):
             if not ok:
                 raise UsageError(why)
-        require_writable_dir(out.out_dir, "out_dir")
-        require_writable_dir(self.sweep_dir, "out_dir")
-
-    @property
-    def sweep_dir(self) -> Path:
-        return Path(self.output.out_dir).expanduser().resolve() / "sweeps" / self.output.name
+        common.check_output(self)
 
 
 # The quick preset: 8,000 images (an epoch in ~10 s at cpu-demo's size), one-minute trials, six draws.
@@ -291,7 +279,7 @@ def check_trial_configs(sc: GanSweepConfig) -> None:
                              "lower it or raise --train-subset")
 
 
-def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
+def build_tuner(sc: GanSweepConfig, trainable, callbacks=None, verbose: int = 1):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -322,7 +310,7 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
             lo <= preset[k] <= hi for k, (lo, hi) in (("lr", s.lr_g), ("lr_d", s.lr_d)))
         first = [preset] if in_space else []   # the baseline, scored like every other draw
     return tune.Tuner(
-        trainable(sc),
+        trainable,
         param_space={**param_space, **fixed_trial_settings(sc)},
         tune_config=tune.TuneConfig(num_samples=s.num_samples, scheduler=scheduler, reuse_actors=True,
                                     search_alg=BasicVariantGenerator(points_to_evaluate=first,
@@ -343,26 +331,9 @@ def build_tuner(sc: GanSweepConfig, callbacks=None, verbose: int = 1):
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def trainable(sc: GanSweepConfig):
-    return with_resources(run_trial, sc)
-
-
-def run_sweep(sc: GanSweepConfig, callbacks=None, verbose: int = 1) -> dict:
-    """Run (or resume) the sweep and, once every trial has ended, write its report. Returns
-    ``{"sweep_dir", "trials", "unfinished", "errors", "rows"}``; ``unfinished > 0`` after an interrupt."""
-    return common.run_sweep(sc, trainable, lambda sc: build_tuner(sc, callbacks, verbose), check_trial_configs,
-                            gan_report.collect_rows, gan_report.write_report)
-
-
-def main(argv=None) -> dict:
-    sc = parse_sweep(argv, prog="tune/gan_sweep.py", description=__doc__.splitlines()[0])
-    t0 = time.perf_counter()
-    outcome = run_sweep(sc)
-    common.print_outcome("gan_sweep", outcome, time.perf_counter() - t0)
-    return outcome
-
+run_sweep = common.sweep_runner(run_trial, build_tuner, check_trial_configs, gan_report.collect_rows,
+                                gan_report.write_report)
+main = common.sweep_main("tune.gan_sweep")
 
 if __name__ == "__main__":
-    # Import ourselves as tune.gan_sweep so Ray pickles run_trial by module name.
-    from tune.gan_sweep import main as sweep_main
-    run_cli(sweep_main)
+    run_cli(main)

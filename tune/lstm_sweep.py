@@ -27,10 +27,10 @@ from typing import Annotated, Literal, Sequence
 
 from trainers.checkpoint import PREFIX, list_checkpoints, read_meta
 from trainers.cli import (UsageError, check_choices, flatten, from_saved, override, require_at_least,
-                          require_non_negative, require_positive, require_writable_dir, run_cli)
+                          require_non_negative, require_positive, run_cli)
 from trainers.lstm import LSTMConfig, train
 from tune import common, report
-from tune.common import Floats, Ints, check_list, listing, with_resources
+from tune.common import Floats, Ints, check_list, listing
 
 MODELS = ("lstm", "rnn")
 METRIC = "val/acc"              # what ASHA compares
@@ -73,28 +73,19 @@ class Trial:
 
 
 @dataclass
-class Scheduling:
+class Scheduling(common.Resources):
     """scheduling and resources"""
     grace_period: int = 1000  # ASHA: steps before a trial can be stopped
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf of a grid point's trials at each rung
     floor_acc: float = 0.15  # cull a trial below this val accuracy from --floor-step on (chance: 0.1; 0: off)
     floor_step: int = 750  # the step from which --floor-acc applies
-    cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
-    gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
-    max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
-    address: str = ""  # join this Ray cluster (host:port, ray://host:port or auto); empty starts a local Ray
-    num_cpus: int = 0  # CPUs of the local Ray (0: all of this machine's)
 
 
 @dataclass
-class Output:
+class Output(common.Output):
     """output"""
-    out_dir: str = "runs"  # root folder; the sweep goes to <out-dir>/sweeps/<name>
     name: str = "lstm-sweep"  # sweep name: folder and wandb group (--quick: quick)
-    resume: bool = False  # continue the interrupted sweep <name> (Tuner.restore; its saved search flags)
     quick: bool = False  # the quick preset: T in 10 50 100, two draws, short trials (flags given still apply)
-    wandb: bool = True  # one offline wandb run per trial plus a summary run; --no-wandb for none
-    wandb_project: str = "palgan"  # wandb project
 
 
 @dataclass
@@ -107,7 +98,7 @@ class SweepConfig:
 
     def validate(self) -> None:
         check_choices(self)
-        s, t, sch, out = self.search, self.trial, self.scheduling, self.output
+        s, t, sch = self.search, self.trial, self.scheduling
         if not s.models:
             raise UsageError("--models is empty; give lstm, rnn or both")
         for m in s.models:
@@ -129,13 +120,10 @@ class SweepConfig:
                         (0 <= sch.floor_acc < 1, f"--floor-acc must lie in [0, 1), got {sch.floor_acc}"),
                         (sch.grace_period <= t.steps, f"--grace-period ({sch.grace_period}) must not exceed "
                                                       f"--steps ({t.steps})"),
-                        (sch.reduction_factor > 1, f"--reduction-factor must be > 1, got {sch.reduction_factor}"),
-                        (out.name and "/" not in out.name and not out.name.startswith("."),
-                         f"--name must be a plain folder name, got {out.name!r}")):
+                        (sch.reduction_factor > 1, f"--reduction-factor must be > 1, got {sch.reduction_factor}")):
             if not ok:
                 raise UsageError(why)
-        require_writable_dir(out.out_dir, "out_dir")
-        require_writable_dir(self.sweep_dir, "out_dir")
+        common.check_output(self)
 
     @property
     def sweep_dir(self) -> Path:
@@ -289,7 +277,7 @@ def check_trial_configs(sc: SweepConfig) -> None:
                 trial_config({**fixed, **point, "hidden_dim": hidden, "lr": lr}, "check").validate()
 
 
-def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
+def build_tuner(sc: SweepConfig, trainable, callbacks=None, verbose: int = 1):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -310,7 +298,7 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
                             reduction_factor=sch.reduction_factor, floor_acc=sch.floor_acc,
                             floor_step=sch.floor_step, cull_dir=str(sc.sweep_dir / CULLED))
     return tune.Tuner(
-        trainable(sc),
+        trainable,
         param_space=param_space,
         # reuse_actors: a trial starts in the worker process of a finished one (torch, the model's
         # TorchScript and the C++ kernels already loaded) instead of a fresh one
@@ -325,26 +313,8 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
 
 # --- the driver ----------------------------------------------------------------------------------
 
-def trainable(sc: SweepConfig):
-    return with_resources(run_trial, sc)
-
-
-def run_sweep(sc: SweepConfig, callbacks=None, verbose: int = 1) -> dict:
-    """Run (or resume) the sweep and, once every trial has ended, write its report. Returns
-    ``{"sweep_dir", "trials", "unfinished", "errors", "rows"}``; ``unfinished > 0`` after an interrupt."""
-    return common.run_sweep(sc, trainable, lambda sc: build_tuner(sc, callbacks, verbose), check_trial_configs,
-                            report.collect_rows, report.write_report)
-
-
-def main(argv=None) -> dict:
-    sc = parse_sweep(argv, prog="tune/lstm_sweep.py", description=__doc__.splitlines()[0])
-    t0 = time.perf_counter()
-    outcome = run_sweep(sc)
-    common.print_outcome("lstm_sweep", outcome, time.perf_counter() - t0)
-    return outcome
-
+run_sweep = common.sweep_runner(run_trial, build_tuner, check_trial_configs, report.collect_rows, report.write_report)
+main = common.sweep_main("tune.lstm_sweep")
 
 if __name__ == "__main__":
-    # Import ourselves as tune.lstm_sweep so Ray pickles run_trial and GroupedASHA by module name.
-    from tune.lstm_sweep import main as sweep_main
-    run_cli(sweep_main)
+    run_cli(main)
