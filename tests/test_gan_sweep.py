@@ -29,13 +29,14 @@ TINY = dict(train_subset=512, widths=(8,), batch_sizes=(32, 64), stage_samples=2
 
 
 class StopAfterFirstEnd(Callback):
-    """Ctrl-C (SIGUSR1, as Tune takes it) once one trial has ended and another has reported."""
+    """Ctrl-C (SIGUSR1, as Tune takes it) once one trial has ended and Tune has recorded another's
+    checkpoint (which that trial then resumes from)."""
 
     def __init__(self, flag: Path):
         self.flag = flag
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if any(t.status == "TERMINATED" for t in trials) and not self.flag.exists():
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if any(t.status == "TERMINATED" and t is not trial for t in trials) and not self.flag.exists():
             self.flag.touch()
             os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -57,15 +58,16 @@ def asha_sweep(ray_session, tmp_path_factory):
     return first, second, stdout.getvalue(), out / "sweeps" / "asha"
 
 
-def tune_checkpoints(sweep_dir: Path, trial_id: str) -> dict[int, Path]:
-    """step -> the checkpoint Tune keeps of the trial's report at that step."""
+def tune_checkpoints(sweep_dir: Path, trial_id: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint Tune keeps of the trial's reports, oldest first (under PBT
+    a step can appear twice: once from the trial's own weights, once after copying another's)."""
     (trial_dir,) = (sweep_dir / "tune").glob(f"*-{trial_id}")
-    return {read_meta(c)["step"]: c for c in trial_dir.glob("checkpoint_*")}
+    return [(read_meta(c)["step"], c) for c in sorted(trial_dir.glob("checkpoint_*"))]
 
 
-def trained_from(sweep_dir: Path, trial_id: str, attempt: dict) -> list[int]:
-    """Steps of the trial's checkpoints that the attempt trained (past its start, with its learning rates)."""
-    return [s for s, c in tune_checkpoints(sweep_dir, trial_id).items() if s > attempt["from_step"]
+def trained_from(sweep_dir: Path, trial_id: str, attempt: dict) -> list[tuple[int, Path]]:
+    """The trial's checkpoints that the attempt trained (past its start, with its learning rates)."""
+    return [(s, c) for s, c in tune_checkpoints(sweep_dir, trial_id) if s > attempt["from_step"]
             and (read_meta(c)["config"]["lr"], read_meta(c)["config"]["lr_d"]) == (attempt["lr"], attempt["lr_d"])]
 
 
@@ -123,15 +125,18 @@ def test_an_interrupted_sweep_resumes_and_runs_each_trial_once(asha_sweep):
     assert first["unfinished"] >= 1 and not first["report_written"]
     assert second["unfinished"] == 0 and second["trials"] == 3
     ended_first = {r["trial_id"] for r in first["rows"] if r["status"] not in (*UNFINISHED, "failed")}
-    resumed = untouched = 0
+    # the unfinished trials of which Tune's saved state held a checkpoint when the sweep stopped
+    held = {r["trial_id"] for r in first["rows"] if r["status"] in UNFINISHED and r["best_checkpoint"]}
     for r in second["rows"]:
         epochs = [rep["epoch"] for rep in tune_reports(sweep, r["trial_id"])]
         assert epochs == list(range(1, len(epochs) + 1))          # every stage reported once
         starts = [json.loads(line)["from_step"] for line in (Path(r["run_dir"]) / "attempts.jsonl").open()]
         assert starts == sorted(starts)   # never back to an earlier step
-        resumed += any(s > 0 for s in starts)
-        untouched += starts == [0] and r["trial_id"] in ended_first
-    assert resumed >= 1 and untouched == len(ended_first) >= 1   # a trial that had ended was not run again
+        if r["trial_id"] in held:   # continued from that checkpoint
+            assert len(starts) == 2 and starts[-1] > 0
+        if r["trial_id"] in ended_first:   # a trial that had ended was not run again
+            assert starts == [0]
+    assert ended_first
 
 
 def test_a_trial_restored_from_a_checkpoint_that_used_the_budget_ends_at_once(asha_sweep, tmp_path):
@@ -139,7 +144,7 @@ def test_a_trial_restored_from_a_checkpoint_that_used_the_budget_ends_at_once(as
     trainer writes its record of the run up to it, ended by the budget, without another iteration."""
     _, outcome, _, sweep = asha_sweep
     r = next(r for r in outcome["rows"] if r["status"] == "time budget")
-    step, ckpt = max(tune_checkpoints(sweep, r["trial_id"]).items())
+    step, ckpt = tune_checkpoints(sweep, r["trial_id"])[-1]
     cfg = override(trial_config(read_meta(ckpt)["config"], "again"), out_dir=str(tmp_path), resume=True)
     shutil.copytree(ckpt, cfg.run_dir / "checkpoints" / checkpoint_name(step))
     metrics = train(cfg, stop_reason="time budget")
@@ -164,17 +169,17 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     exploits = [(tid, a, min(later)) for tid, r in rows.items() for a in r["attempts"]
                 if a["source"] not in (None, a["run"]) and (later := trained_from(sweep, tid, a))]
     assert exploits, "no exploitation happened"
-    tid, a, after = exploits[0]
+    tid, a, (after, mine) = exploits[0]
     source_id = a["source"].rsplit("-", 1)[-1]
-    copied = tune_checkpoints(sweep, source_id)[a["from_step"]]
+    (copied,) = [c for s, c in tune_checkpoints(sweep, source_id)   # the one it copied: its step and wall time
+                 if s == a["from_step"] and read_meta(c)["extra"]["wall_time"] == a["wall_s"]]
     # the trial's next checkpoint equals a plain --resume of the source's checkpoint, run with the
     # trial's new learning rates for one epoch: the trainer really continued the source's weights
     redo = trial_config({**read_meta(copied)["config"], "lr": a["lr"], "lr_d": a["lr_d"]}, "redo")
     redo = override(redo, out_dir=str(tmp_path / "redo"), max_steps=after, resume=True, wandb=False)
     shutil.copytree(copied, redo.run_dir / "checkpoints" / checkpoint_name(a["from_step"]))
     train(redo)
-    mine, plain = weights(tune_checkpoints(sweep, tid)[after]), weights(redo.run_dir / "checkpoints" /
-                                                                          checkpoint_name(after))
+    mine, plain = weights(mine), weights(redo.run_dir / "checkpoints" / checkpoint_name(after))
     assert mine.keys() == plain.keys() and all(torch.equal(mine[k], plain[k]) for k in mine)
     best = json.loads((sweep / "best.json").read_text())
     assert best["scheduler"] == "pbt" and Path(best["best_checkpoint"]).is_dir()

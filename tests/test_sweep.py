@@ -350,7 +350,7 @@ def test_a_restarted_trial_continues_from_its_run_folders_latest_checkpoint(tmp_
 
 
 def test_tune_record_is_handed_to_each_starting_trial(tmp_path):
-    from tune.record import RecordedSteps, recorded_step
+    from tune.record import RecordedSteps, recorded, recorded_step
 
     callback = RecordedSteps(str(tmp_path / "recorded"), "step")
     assert recorded_step(tmp_path / "recorded", "a") == 0             # nothing written: nothing recorded
@@ -359,3 +359,6 @@ def test_tune_record_is_handed_to_each_starting_trial(tmp_path):
     assert recorded_step(tmp_path / "recorded", "a") == 0 and recorded_step(tmp_path / "recorded", "b") == 30
     callback.on_trial_start(0, [], SimpleNamespace(trial_id="b", last_result={"step": 40}))   # restarted later
     assert recorded_step(tmp_path / "recorded", "b") == 40
+    RecordedSteps(str(tmp_path / "recorded"), "step", keep=("wall_s",)).on_trial_start(
+        0, [], SimpleNamespace(trial_id="c", last_result={"step": 8, "wall_s": 2.5, "fid": 9.0}))
+    assert recorded(tmp_path / "recorded", "c") == {"step": 8, "wall_s": 2.5}   # with the values it keeps

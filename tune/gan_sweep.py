@@ -191,7 +191,7 @@ def run_trial(config: dict) -> None:
 
     from trainers.gan_metrics import scorer_for
     from tune.asha import CULLED_BY_ASHA
-    from tune.record import recorded_step
+    from tune.record import recorded
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id)
@@ -200,9 +200,11 @@ def run_trial(config: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     start = restore_checkpoint(run_dir)
     # a stage Tune has already (its report arrived, its checkpoint was not recorded: an interrupt
-    # in between) is not sent again; after a PBT exploitation the trial's stages are new ones
+    # in between) is not sent again, and the run ends where Tune's record of it ended; after a PBT
+    # exploitation the trial's stages are new ones
     own = start["source"] in (None, cfg.name)
-    recorded = recorded_step(Path(config["sweep_dir"]) / RECORDED, trial_id) if own else 0
+    tune_has = recorded(Path(config["sweep_dir"]) / RECORDED, trial_id) if own else {"step": 0}
+    recorded_step = tune_has["step"]
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({**start, "run": cfg.name, "lr": cfg.optim.lr, "lr_d": cfg.optim.lr_d,
                             "time": time.time(), "pid": os.getpid()}) + "\n")
@@ -227,18 +229,23 @@ def run_trial(config: dict) -> None:
                   "classifier_score": numbers["eval/classifier_score"], "epoch": numbers["epoch"], "step": step,
                   "min_class_frac": numbers["eval/min_class_frac"], "max_class_frac": numbers["eval/max_class_frac"],
                   TIME_ATTR: wall, "epoch_s": epoch_s, NEXT_END: wall + epoch_s}
-        report = (result, Checkpoint.from_directory(str(ckpt))) if step > recorded else None
+        if step < recorded_step:   # a stage Tune has: its verdict then, not this run's timing, holds
+            return None
+        if step == recorded_step:
+            if tune_has.get(NEXT_END, 0) >= budget:
+                return TIME_BUDGET
+            return (verdict.read_text().strip() or CULLED_BY_ASHA) if verdict.exists() else None
+        report = (result, Checkpoint.from_directory(str(ckpt)))
         if budget_used(wall, epoch_s, budget) or numbers["epoch"] == cfg.optim.epochs:
             final.append(report)
             return TIME_BUDGET if budget_used(wall, epoch_s, budget) else None
-        if report:
-            tune.report(report[0], checkpoint=report[1])
+        tune.report(report[0], checkpoint=report[1])
         if verdict.exists():
             return verdict.read_text().strip() or CULLED_BY_ASHA
         return None
 
     train(override(cfg, resume=start["from_step"] > 0), on_stage=on_stage)
-    if final and final[0]:
+    if final:
         tune.report(final[0][0], checkpoint=final[0][1])
 
 
@@ -318,7 +325,7 @@ def build_tuner(sc: GanSweepConfig, trainable, callbacks=None, verbose: int = 1)
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sc.sweep_dir), verbose=verbose,
-            callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED), "step")],
+            callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED), "step", keep=(NEXT_END,))],
             failure_config=tune.FailureConfig(max_failures=sch.max_failures),
             # the budget as Tune's own stop condition too: a trial's last report (sent once its record
             # is written) ends it, so no scheduler (PBT's perturbation) pauses a trial that is done

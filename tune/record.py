@@ -11,28 +11,36 @@ Imports ray at module level: import this module lazily (ray is optional for trai
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ray.tune import Callback
 
-from trainers.files import write_text_atomic
+from trainers.files import write_json_atomic
 
 
 class RecordedSteps(Callback):
-    """On the driver: ``<folder>/<trial id>`` = the ``time_attr`` of the trial's last recorded report."""
+    """On the driver: ``<folder>/<trial id>`` = the ``time_attr`` of the trial's last recorded report
+    (``step``), with that report's values of ``keep``."""
 
-    def __init__(self, folder: str, time_attr: str):
-        self.folder, self.time_attr = folder, time_attr
+    def __init__(self, folder: str, time_attr: str, keep: tuple[str, ...] = ()):
+        self.folder, self.time_attr, self.keep = folder, time_attr, keep
 
     def on_trial_start(self, iteration, trials, trial, **info):
         # called before Tune asks the trial's actor for its first result, so the trial reads it
-        step = int((trial.last_result or {}).get(self.time_attr, 0))
-        write_text_atomic(Path(self.folder) / trial.trial_id, f"{step}\n")
+        last = trial.last_result or {}
+        write_json_atomic(Path(self.folder) / trial.trial_id,
+                          {"step": int(last.get(self.time_attr, 0)), **{k: last[k] for k in self.keep if k in last}})
+
+
+def recorded(folder: Path, trial_id: str) -> dict:
+    """In the trial: Tune's last recorded report, ``{"step": ..., <keep>...}`` (step 0: none, or no record)."""
+    try:
+        return json.loads((Path(folder) / trial_id).read_text())
+    except (OSError, ValueError):
+        return {"step": 0}
 
 
 def recorded_step(folder: Path, trial_id: str) -> int:
     """In the trial: the step up to which Tune has its reports (0: none, or no record)."""
-    try:
-        return int((Path(folder) / trial_id).read_text())
-    except (OSError, ValueError):
-        return 0
+    return int(recorded(folder, trial_id).get("step", 0))
