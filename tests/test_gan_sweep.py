@@ -156,7 +156,7 @@ def test_a_trial_restored_from_a_checkpoint_that_used_the_budget_ends_at_once(as
 
 def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session, tmp_path):
     sc = build(GanSweepConfig, out_dir=str(tmp_path), name="pbt", scheduler="pbt",
-               **{**TINY, "train_subset": 256, "stage_samples": 100, "time_budget_s": 12.0, "num_samples": 2})
+               **{**TINY, "train_subset": 256, "stage_samples": 100, "time_budget_s": 8.0, "num_samples": 2})
     outcome = run_sweep(sc, verbose=0)
     sweep = outcome["sweep_dir"]
     assert outcome["errors"] == 0 and outcome["trials"] == 2
@@ -164,7 +164,7 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     for r in rows.values():   # each run ends itself at the budget with a finished record
         assert json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["stop_reason"] == "time budget"
         reports = tune_reports(sweep, r["trial_id"])   # no report past the budget
-        assert reports and not any(rep["wall_s"] + rep["epoch_s"] >= 12.0 for rep in reports[:-1])
+        assert reports and not any(rep["wall_s"] + rep["epoch_s"] >= 8.0 for rep in reports[:-1])
     # exploitations the trial trained on from (one that copied a checkpoint which had used the budget ends at once)
     exploits = [(tid, a, min(later)) for tid, r in rows.items() for a in r["attempts"]
                 if a["source"] not in (None, a["run"]) and (later := trained_from(sweep, tid, a))]
