@@ -87,6 +87,8 @@ def export_folder(model: nn.Module, config: dict, example: Tensor, input_name: s
         onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[input_name],
                                          output_names=[output_name], external_data=False, verbose=False)
         onnx_program.save(str(tmp / "model.onnx"))
+        for path in tmp.iterdir():   # safetensors writes its file owner-only; the folder is for sharing
+            path.chmod((tmp / "README.md").stat().st_mode)
     return out
 
 
