@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, assert_usage_error, clean_env, run_script
+from conftest import assert_usage_error, clean_env, run_script
 from safetensors.torch import load_file
 
 from models.dcgan import Generator
 from models.lstm import LSTM
 from trainers.checkpoint import read_meta
-from trainers.cli import from_saved
+from trainers.cli import from_saved, run_cli
 from trainers.export import FILES
 from trainers.gan import load_generator
+from trainers.gan import main as gan_main
 from trainers.lstm import LSTMConfig, build_model, validation_set
+from trainers.lstm import main as lstm_main
 
 ort = pytest.importorskip("onnxruntime")
 PALGAN_PACKAGES = ("models", "trainers", "tune", "data", "benchmarks")
@@ -58,15 +60,14 @@ torch.manual_seed(0)
 namespace = {{}}
 exec(compile(open(sys.argv[1]).read(), "README.md", "exec"), namespace)
 torch.save({{k: v for k, v in namespace.items() if isinstance(v, torch.Tensor)}}, sys.argv[2])
-loaded = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values()) if m is not None]
-print("PALGAN-MODULES", [f for f in loaded if f.startswith({roots!r})])
+print("PALGAN-MODULES", [n for n, m in list(sys.modules.items()) if m is not None and n.split(".")[0] in {packages!r}])
 """
 
 
 def run_card(folder: Path, tmp_path: Path) -> tuple[str, dict]:
     """The card's lines in a fresh ``python -I`` in ``folder``, palgan unimportable; its stdout and tensors."""
     (tmp_path / "card.py").write_text(card_code(folder))
-    (tmp_path / "fresh.py").write_text(FRESH.format(packages=PALGAN_PACKAGES, roots=(str(ROOT), "/work/main")))
+    (tmp_path / "fresh.py").write_text(FRESH.format(packages=PALGAN_PACKAGES))
     proc = subprocess.run([sys.executable, "-I", str(tmp_path / "fresh.py"), str(tmp_path / "card.py"),
                            str(tmp_path / "card_out.pt")], cwd=folder, capture_output=True, text=True,
                           timeout=300, env=clean_env())
@@ -147,18 +148,27 @@ def test_gan_run_logs_its_export_as_a_wandb_model_artifact(gan_run):
     assert staged["config.json"].read_text() == (folder / "config.json").read_text()
 
 
-def test_gan_export_bad_input_is_one_line_and_exit_2(gan_run, tmp_path):
+def usage_error(main, argv, capsys, *needles) -> None:
+    """``main(argv)`` as the command line runs it: exit code 2 and one line on stderr naming ``needles``."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_gan_export_bad_input_is_one_line_and_exit_2(gan_run, tmp_path, capsys):
     run, _ = gan_run
-    assert_usage_error(run_script(["trainers/gan.py", "export", "--checkpoint", tmp_path / "none"]), "does not exist")
+    usage_error(gan_main, ["export", "--checkpoint", tmp_path / "none"], capsys, "does not exist")
     (tmp_path / "file").write_text("x")
-    assert_usage_error(run_script(["trainers/gan.py", "export", "--checkpoint", run, "--out", tmp_path / "file"]),
-                       "--out", "is a file")
+    usage_error(gan_main, ["export", "--checkpoint", run, "--out", tmp_path / "file"], capsys, "--out", "is a file")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert_usage_error(run_script(["trainers/gan.py", "export", "--checkpoint", run, "--out", tmp_path / "mine"]),
-                       "--out", "other files")
+    usage_error(gan_main, ["export", "--checkpoint", run, "--out", tmp_path / "mine"], capsys, "--out", "other files")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    assert_usage_error(run_script(["trainers/gan.py", "export"]), "--checkpoint")
+    usage_error(gan_main, ["export"], capsys, "--checkpoint")
+    assert_usage_error(run_script(["trainers/gan.py", "export", "--checkpoint", tmp_path / "none"]), "does not exist")
 
 
 # --- the LSTM -----------------------------------------------------------------------------------
@@ -216,9 +226,7 @@ def test_lstm_model_card_runs_without_palgan(lstm_run, tmp_path):
 def test_lstm_logs_a_model_artifact_each_time_its_best_checkpoint_changes(lstm_run):
     run, _ = lstm_run
     history = [r["history"]["item"] for r in wandb_records(run) if r["type"] == "history"]
-    val = [(int(next(i["value_json"] for i in row if i["key"] == "_step")),
-            json.loads(next(i["value_json"] for i in row if i["key"] == "val/acc")))
-           for row in history if any(i["key"] == "val/acc" for i in row)]
+    val = [(row["_step"], row["val/acc"]) for row in history if "val/acc" in row]
     assert [s for s, _ in val] == [20, 40, 60]
     improved = [s for k, (s, acc) in enumerate(val) if all(acc > a for _, a in val[:k])]
     artifacts = model_artifacts(run)
@@ -233,14 +241,15 @@ def test_lstm_logs_a_model_artifact_each_time_its_best_checkpoint_changes(lstm_r
         assert torch.equal(weights[key], value), key
 
 
-def test_lstm_export_bad_input_is_one_line_and_exit_2(lstm_run, tmp_path):
+def test_lstm_export_bad_input_is_one_line_and_exit_2(lstm_run, tmp_path, capsys):
     run, _ = lstm_run
-    assert_usage_error(run_script(["trainers/lstm.py", "export", "--checkpoint", tmp_path / "none"]),
-                       "does not exist")
+    usage_error(lstm_main, ["export", "--checkpoint", tmp_path / "none"], capsys, "does not exist")
     (tmp_path / "empty").mkdir()
-    assert_usage_error(run_script(["trainers/lstm.py", "export", "--checkpoint", tmp_path / "empty"]),
-                       "no checkpoint")
+    usage_error(lstm_main, ["export", "--checkpoint", tmp_path / "empty"], capsys, "no checkpoint")
     (tmp_path / "file").write_text("x")
-    assert_usage_error(run_script(["trainers/lstm.py", "export", "--checkpoint", run, "--out", tmp_path / "file"]),
-                       "--out", "is a file")
+    usage_error(lstm_main, ["export", "--checkpoint", run, "--out", tmp_path / "file"], capsys, "--out", "is a file")
+    [best] = (run / "checkpoints" / "best").iterdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "palgan.json").write_text((best / "palgan.json").read_text())
+    usage_error(lstm_main, ["export", "--checkpoint", tmp_path / "broken"], capsys, "cannot be loaded")
     assert not (run / "model").exists()   # nothing was written in the run
