@@ -73,10 +73,12 @@ def require_packages() -> None:
 
 def export_folder(model: nn.Module, config: dict, example: Tensor, input_name: str, output_name: str,
                   card: str, out: Path) -> Path:
-    """Write ``out``: ``model`` (a PyTorchModelHubMixin, eval mode, on the CPU) by ``save_pretrained``
-    with ``config`` as config.json, its torch.export program for inputs shaped like ``example`` with
-    a dynamic batch, that program through the ONNX exporter, and ``card`` as README.md."""
+    """Write ``out``: ``model`` (a PyTorchModelHubMixin in eval mode on the CPU; a copy, as its gradients
+    are turned off) by ``save_pretrained`` with ``config`` as config.json, its torch.export program for
+    inputs shaped like ``example`` with a dynamic batch, that program through the ONNX exporter, and
+    ``card`` as README.md."""
     require_packages()
+    model.requires_grad_(False)   # the loaded program then computes no gradients (an inference model)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad(), atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
