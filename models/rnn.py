@@ -9,6 +9,7 @@ import math
 from typing import List, Tuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from models.lstm import BACKENDS, compiled
@@ -48,7 +49,7 @@ def rnn_loop_compiled(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tens
     return h, [torch.stack(hs, dim=1)] if keep_states else []
 
 
-class RNN(nn.Module):
+class RNN(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["rnn", "palindromes"]):
     """``RNN(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, backend: str = "script"):

@@ -17,6 +17,7 @@ from trainers.files import publish, write_json_atomic
 
 META = "palgan.json"
 PREFIX = "step_"
+BEST = "best"   # <run>/checkpoints/best/step_*: the LSTM's checkpoint of the best validation so far
 
 
 def checkpoint_name(step: int) -> str:

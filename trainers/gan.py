@@ -8,6 +8,7 @@
     python trainers/gan.py sample --checkpoint runs/<run> --n 64 --out grid.png   # or --out images.pt
     python trainers/gan.py evaluate --checkpoint runs/<run>    # FID, classifier score, class histogram
     python trainers/gan.py interpolate --checkpoint runs/<run> --mode both --out runs/<run>/interp
+    python trainers/gan.py export --checkpoint runs/<run>      # runs/<run>/model: safetensors, ONNX, .pt2, card
 
 Writes <out-dir>/<run-name>/{samples/epoch_XXX.png, samples/final.png, figures/{stages,three_panel,
 losses}.png, metrics.json, checkpoints/step_*/}. --batch-size is per process: with N processes the
@@ -45,7 +46,7 @@ from trainers.tracking import start_tracker
 
 PRESETS = {"paper": "the report's configuration", "cpu-demo": "minutes on a CPU"}   # trainers/configs/<name>.yaml
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate")
+SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate", "export")
 GRID_SIDE = 8            # fixed-noise grids are 8 x 8
 DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of (seed, key, ...)
 NOISE_STREAM = 1_002
@@ -100,7 +101,7 @@ class Eval:
 
 @dataclass
 class GANConfig:
-    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate (train is the default)."""
+    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate, export (train is the default)."""
     preset: Literal["auto", "paper", "cpu-demo"] = "auto"  # paper, cpu-demo, or auto: paper on CUDA, cpu-demo otherwise
     config: str = ""  # a YAML or JSON file of flag values (as trainers/configs/*.yaml), read after the preset
     data: Data = field(default_factory=Data)
@@ -469,6 +470,10 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
                  train_ms=int(1000 * train_time))
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
+    if finished:   # the exported generator as a wandb model artifact (rank 0 with wandb; else nothing)
+        from trainers.gan_export import artifact_metadata, export_generator
+        tracker.log_model(lambda folder: export_generator(gen, config, metrics, step, folder),
+                          metadata=artifact_metadata(metrics))
     tracker.summary({k: metrics[k] for k in SUMMARY_KEYS})   # end-of-run numbers (final/* come from the evaluation)
     accelerator.wait_for_everyone()
     tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
@@ -510,6 +515,9 @@ def main(argv: Sequence[str] | None = None):
     if command == "interpolate":
         from trainers.gan_interpolate import interpolate_main
         return interpolate_main(argv)
+    if command == "export":
+        from trainers.gan_export import export_main
+        return export_main(argv)
     cfg = parse_train_args(argv)
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -5,6 +5,7 @@
     python trainers/lstm.py --model rnn --seq-length 20      # the baseline
     accelerate launch --config_file launch/cpu_2proc.yaml trainers/lstm.py --seq-length 20
     python trainers/lstm.py --config my_run.yaml --lr 2e-3   # flags from a file, then the command line
+    python trainers/lstm.py export --checkpoint runs/<run>   # runs/<run>/model: safetensors, ONNX, .pt2, card
 
 Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}:
 metrics.json holds the last and the best validation (accuracy and step) and why the run ended;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +30,11 @@ from tqdm.auto import tqdm
 from models.lstm import LSTM
 from models.rnn import RNN
 from trainers import debug
-from trainers.checkpoint import PREFIX, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from trainers.checkpoint import BEST, PREFIX, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainers.cli import (Log, Run, UsageError, check_choices, flatten, parse, require_at_least,
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
+from trainers.lstm_export import export_checkpoint, export_main
 from trainers.lstm_plots import plot_curves, plot_gates, state_means
 from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
@@ -39,7 +42,6 @@ from trainers.tracking import start_tracker
 
 NUM_CLASSES = 10      # digits 0-9
 VAL_STREAM = 7_777    # seed key of the validation set, apart from every training stream
-BEST = "best"         # <run>/checkpoints/best/step_*: the checkpoint of the best validation so far
 # what the run's tracker summary and metrics.json report about how the run ended
 SUMMARY_KEYS = ("stop_reason", "best_val_acc", "best_step", "last_val_acc", "last_step", "steps_to_solve")
 
@@ -288,7 +290,9 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                 tracker.log(last_val, step=step)
                 record = validation_record(history, cfg.eval.solved_acc)
                 if record["best_step"] == step:   # every rank: the accuracy is gathered, so all agree
-                    checkpoint(best_dir, step, keep=1)
+                    best_ckpt = checkpoint(best_dir, step, keep=1)   # its export: a wandb model artifact (rank 0)
+                    tracker.log_model(lambda folder: export_checkpoint(best_ckpt, folder),
+                                      metadata={"step": step, **last_val})
                 if cfg.eval.stop_when_solved and record["solved_streak"] >= cfg.eval.stop_when_solved:
                     reason = "solved"
             ckpt = None
@@ -344,7 +348,10 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:   # python trainers/lstm.py export --checkpoint RUN [--out FOLDER]
+        return export_main(argv[1:])
     cfg = parse(LSTMConfig, argv, prog="trainers/lstm.py", description=__doc__.splitlines()[0])
     return train(cfg)
 
