@@ -7,12 +7,14 @@ crash mid-write never leaves a half checkpoint where ``--resume`` would find it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from trainers.cli import UsageError
+from trainers.cli import JobFailure, UsageError
 from trainers.files import publish, write_json_atomic
 
 META = "palgan.json"
@@ -31,21 +33,88 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+             errno.EFBIG: "a file reached the size limit"}   # errnos that more room fixes
+
+
+class DiskFull(JobFailure):
+    """No room for a file the run writes: one line naming the last complete checkpoint, exit code 1."""
+
+
+def disk_full_error(err: OSError, ckpt_dir: Path) -> DiskFull:
+    """The one line for ``err``: what failed, the last complete checkpoint, and what to do."""
+    found = list_checkpoints(ckpt_dir)
+    last = f"the last complete checkpoint is {found[-1]}" if found else f"no checkpoint was completed in {ckpt_dir}"
+    what = f"writing {err.filename}" if err.filename else "writing a checkpoint on another process"
+    return DiskFull(f"{DISK_FULL.get(err.errno, err.strerror)} ({what}: {err.strerror}); {last}; "
+                    "free space and rerun with --resume")
+
+
+@contextmanager
+def full_disk_is_one_line(ckpt_dir: Path):
+    """A full disk (ENOSPC, EDQUOT, EFBIG) anywhere in the block (a checkpoint, a figure,
+    metrics.json) ends the run with ``disk_full_error``'s line instead of a traceback. Every file is
+    written atomically, so what was complete before stays complete."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise disk_full_error(err, ckpt_dir) from None
+
+
+def _agree(accelerator, error: OSError | None) -> int:
+    """The largest errno of the ranks' errors (1 for one without an errno), 0 if none failed: the same
+    on every rank (a collective: every rank calls it, at the same point)."""
+    code = 0 if error is None else (error.errno or 1)
+    if accelerator.num_processes == 1:
+        return code
+    import torch
+    flag = torch.tensor([code], device=accelerator.device)
+    return int(accelerator.reduce(flag, reduction="max").item())
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: int,
                     extra: dict | None = None) -> Path:
-    """Every rank calls this (``save_state`` writes each rank's RNG); rank 0 renames and prunes."""
+    """Every rank calls this (``save_state`` writes each rank's RNG); rank 0 renames and prunes.
+
+    A write that fails on any rank (a full disk, say) fails on all of them together: the ranks
+    agree on it before going on, rank 0 removes the temporary folder, and every rank raises (a
+    ``DiskFull`` for a full disk). Old checkpoints are pruned only once the new one is in place."""
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
+    error: OSError | None = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    if error is None:
+        try:
+            accelerator.save_state(str(tmp))
+        except OSError as err:
+            error = err
+    if not _agree(accelerator, error) and accelerator.is_main_process:
+        try:
+            write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {},
+                                           "processes": accelerator.num_processes})
+            publish(tmp, final)   # re-saving the same step (the end of a run right after a save) replaces it
+        except OSError as err:
+            error = err
+    code = _agree(accelerator, error)
+    if code:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if error is None or error.errno != code:   # the error of another rank
+            error = OSError(code, os.strerror(code))
+        if code not in DISK_FULL:
+            raise JobFailure(f"writing checkpoint {final.name} failed ({error.strerror or error}); its "
+                             "temporary folder was removed and the older checkpoints are kept") from error
+        raise disk_full_error(error, ckpt_dir)
     if accelerator.is_main_process:
-        write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {},
-                                       "processes": accelerator.num_processes})
-        publish(tmp, final)   # re-saving the same step (the end of a run right after a save) replaces it
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -67,25 +136,61 @@ def read_meta(ckpt: Path) -> dict:
                          "delete that folder to fall back to the previous checkpoint") from None
 
 
-def check_processes(ckpt: Path, meta: dict, processes: int) -> None:
-    """Refuse a checkpoint written by another number of processes: each rank's data stream and
-    RNG file, and the steps per epoch, depend on it, so the run would not continue as it began."""
-    saved = meta.get("processes")
-    if saved is not None and saved != processes:
-        raise UsageError(f"--resume: checkpoint {ckpt} was written by {saved} process(es), not "
-                         f"{processes}; resume with {saved} (accelerate launch --num_processes "
-                         f"{saved}) or start a new --run-name")
+def elastic_batch(ckpt: Path, meta: dict, batch_size: int, processes: int) -> tuple[int, str | None]:
+    """Resuming on another number of processes: the per-process ``--batch-size`` with which
+    ``processes`` processes keep the checkpoint's global batch (its processes x its --batch-size),
+    and the start-up line saying so (None when the number of processes is the same). A UsageError
+    where the global batch cannot be kept: ``processes`` does not divide it, or an explicit
+    --batch-size gives another one.
+
+    Each rank's data and noise streams are functions of (seed, rank, world, step), so the run goes
+    on from the same step with the new world's streams; it is bit-exact only on the same number."""
+    saved = int(meta.get("processes") or 1)
+    if saved == processes:
+        return batch_size, None
+    saved_batch = int(meta.get("config", {}).get("batch_size", batch_size))
+    global_batch = saved * saved_batch
+    if batch_size * processes == global_batch:   # already given per process for the new count
+        per_process = batch_size
+    elif batch_size != saved_batch:
+        raise UsageError(f"--resume: --batch-size {batch_size} on {processes} process(es) is a global batch of "
+                         f"{batch_size * processes}, not the {global_batch} ({saved} x {saved_batch}) of checkpoint "
+                         f"{ckpt}; leave --batch-size at {saved_batch} and palgan splits the global batch")
+    elif global_batch % processes:
+        raise UsageError(f"--resume: checkpoint {ckpt} was trained with a global batch of {global_batch} "
+                         f"({saved} process(es) x --batch-size {saved_batch}), which {processes} processes cannot "
+                         f"split evenly; resume on a number of processes that divides {global_batch}, "
+                         "or start a new --run-name")
+    else:
+        per_process = global_batch // processes
+    return per_process, (f"continuing on {processes} process(es) instead of {saved}: --batch-size {per_process} "
+                         f"per process keeps the global batch of {global_batch} (bit-exact only on {saved})")
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path:
-    """The checkpoint ``--resume`` continues from: the latest one, checked against the number of
-    processes of this launch (``WORLD_SIZE``, as set by ``accelerate launch``) before any starts."""
+    """The checkpoint ``--resume`` continues from: the latest complete one."""
     found = list_checkpoints(ckpt_dir)
     if not found:
         raise UsageError(f"--resume: no checkpoint in {ckpt_dir}; run without --resume to start "
                          "fresh, or pass the --out-dir/--run-name of the run to continue")
-    check_processes(found[-1], read_meta(found[-1]), int(os.environ.get("WORLD_SIZE", "1")))
+    read_meta(found[-1])   # a corrupt one is refused here, before any work
     return found[-1]
+
+
+def resume_point(ckpt_dir: Path, resume: bool | str) -> Path | None:
+    """Where a run starts: None (fresh), or the checkpoint to continue from. ``--resume`` needs
+    one; ``--resume auto`` takes the latest when there is one and starts fresh otherwise, so the
+    same command serves a first start and every restart (``accelerate launch --max_restarts``)."""
+    if resume == "auto":
+        return latest_checkpoint(ckpt_dir) if list_checkpoints(ckpt_dir) else None
+    return latest_checkpoint(ckpt_dir) if resume else None
+
+
+def restart_note() -> str:
+    """`` (restart k of the launcher's n)`` when torchrun restarted this process group, else ``""``."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    most = os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    return f" (restart {count} of {most})" if count and most else (f" (restart {count})" if count else "")
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -105,12 +210,10 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint(accelerator, ckpt: Path) -> dict:
-    """Restore Accelerate's state from ``ckpt`` and return its meta record.
-
-    Refuses a checkpoint written by another number of processes: each rank's data stream and
-    RNG file, and the steps per epoch, depend on it, so the run would not continue as it began."""
+    """Restore Accelerate's state from ``ckpt`` and return its meta record. On another number of
+    processes than wrote it (see ``elastic_batch``), a rank without an RNG file of its own in the
+    checkpoint keeps the RNG state it has: palgan's data and noise streams do not draw from it."""
     meta = read_meta(ckpt)
-    check_processes(ckpt, meta, accelerator.num_processes)
     try:
         accelerator.load_state(str(ckpt))
     except Exception as err:  # corrupt or truncated tensors, wrong shapes, missing files
