@@ -35,43 +35,69 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
              errno.EFBIG: "a file reached the size limit"}   # errnos that more room fixes
+NEARLY_FULL = 1 << 20   # bytes free under which a failed write counts as a full disk
+# torch.save reports a full disk as a RuntimeError from its C++ stream ("basic_ios::clear: iostream
+# error", "unexpected pos"), not an OSError (measured with torch 2.14.1 on a full tmpfs), so a
+# serializer's RuntimeError is taken for a write error too, and the free space tells a full disk.
+WRITE_ERRORS = (OSError, RuntimeError)
 
 
 class DiskFull(JobFailure):
     """No room for a file the run writes: one line naming the last complete checkpoint, exit code 1."""
 
+    def __init__(self, message: str, cause: BaseException, what: str):
+        super().__init__(message)
+        self.cause, self.what = cause, what
 
-def disk_full_error(err: OSError, ckpt_dir: Path) -> DiskFull:
+
+def free_bytes(path: Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in DISK_FULL:
+        return True
+    return isinstance(err, WRITE_ERRORS) and free_bytes(folder) < NEARLY_FULL
+
+
+def disk_full_error(err: BaseException, ckpt_dir: Path, what: str = "") -> DiskFull:
     """The one line for ``err``: what failed, the last complete checkpoint, and what to do."""
     found = list_checkpoints(ckpt_dir)
     last = f"the last complete checkpoint is {found[-1]}" if found else f"no checkpoint was completed in {ckpt_dir}"
-    what = f"writing {err.filename}" if err.filename else "writing a checkpoint on another process"
-    return DiskFull(f"{DISK_FULL.get(err.errno, err.strerror)} ({what}: {err.strerror}); {last}; "
-                    "free space and rerun with --resume")
+    errno_ = err.errno if isinstance(err, OSError) else errno.ENOSPC
+    if not what and isinstance(err, OSError) and err.filename:
+        what = f"writing {err.filename}"
+    why = err.strerror if isinstance(err, OSError) and err.strerror else f"{free_bytes(ckpt_dir)} bytes free"
+    return DiskFull(f"{DISK_FULL.get(errno_, 'the disk is full')} ({what or 'writing the run files'}: {why}); "
+                    f"{last}; free space and rerun with --resume", err, what)
 
 
 @contextmanager
 def full_disk_is_one_line(ckpt_dir: Path):
-    """A full disk (ENOSPC, EDQUOT, EFBIG) anywhere in the block (a checkpoint, a figure,
-    metrics.json) ends the run with ``disk_full_error``'s line instead of a traceback. Every file is
-    written atomically, so what was complete before stays complete."""
+    """A full disk (ENOSPC, EDQUOT, EFBIG, or a serializer's error with the disk full) anywhere in
+    the block (a checkpoint, a figure, metrics.json) ends the run with ``disk_full_error``'s line
+    instead of a traceback. Every file is written atomically, so what was complete stays complete."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in DISK_FULL:
+    except DiskFull as err:   # from save_checkpoint: name the run's last checkpoint (not best/'s)
+        raise disk_full_error(err.cause, ckpt_dir, err.what) from None
+    except WRITE_ERRORS as err:
+        if not is_disk_full(err, ckpt_dir):
             raise
         raise disk_full_error(err, ckpt_dir) from None
 
 
-def _agree(accelerator, error: OSError | None) -> int:
-    """The largest errno of the ranks' errors (1 for one without an errno), 0 if none failed: the same
-    on every rank (a collective: every rank calls it, at the same point)."""
-    code = 0 if error is None else (error.errno or 1)
+def _agree(accelerator, failed: bool) -> bool:
+    """True on every rank if any rank failed (a collective: every rank calls it, at the same point)."""
     if accelerator.num_processes == 1:
-        return code
+        return failed
     import torch
-    flag = torch.tensor([code], device=accelerator.device)
-    return int(accelerator.reduce(flag, reduction="max").item())
+    flag = torch.tensor([int(failed)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item())
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: int,
@@ -79,11 +105,12 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: 
     """Every rank calls this (``save_state`` writes each rank's RNG); rank 0 renames and prunes.
 
     A write that fails on any rank (a full disk, say) fails on all of them together: the ranks
-    agree on it before going on, rank 0 removes the temporary folder, and every rank raises (a
-    ``DiskFull`` for a full disk). Old checkpoints are pruned only once the new one is in place."""
+    agree on it before going on, rank 0 removes the temporary folder, and every rank raises a
+    one-line error (``DiskFull`` when the disk is full). Old checkpoints are pruned only once the
+    new one is in place."""
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f".tmp-{checkpoint_name(step)}"
-    error: OSError | None = None
+    error: BaseException | None = None
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -94,26 +121,26 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, config: dict, keep: 
     if error is None:
         try:
             accelerator.save_state(str(tmp))
-        except OSError as err:
+        except WRITE_ERRORS as err:
             error = err
-    if not _agree(accelerator, error) and accelerator.is_main_process:
+    if not _agree(accelerator, error is not None) and accelerator.is_main_process:
         try:
             write_json_atomic(tmp / META, {"step": step, "config": config, "extra": extra or {},
                                            "processes": accelerator.num_processes})
             publish(tmp, final)   # re-saving the same step (the end of a run right after a save) replaces it
         except OSError as err:
             error = err
-    code = _agree(accelerator, error)
-    if code:
+    if _agree(accelerator, error is not None):
+        full = is_disk_full(error, tmp) if error is not None else free_bytes(tmp) < NEARLY_FULL
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        if error is None or error.errno != code:   # the error of another rank
-            error = OSError(code, os.strerror(code))
-        if code not in DISK_FULL:
-            raise JobFailure(f"writing checkpoint {final.name} failed ({error.strerror or error}); its "
-                             "temporary folder was removed and the older checkpoints are kept") from error
-        raise disk_full_error(error, ckpt_dir)
+        if full:
+            raise disk_full_error(error or OSError(errno.ENOSPC, "on another process"), ckpt_dir,
+                                  f"writing checkpoint {final.parent.name}/{final.name}")
+        first = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}" if error else "on another process"
+        raise JobFailure(f"writing checkpoint {final.name} failed ({first}); its temporary "
+                         "folder was removed and the older checkpoints are kept") from error
     if accelerator.is_main_process:
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -184,6 +211,12 @@ def resume_point(ckpt_dir: Path, resume: bool | str) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(ckpt_dir) if list_checkpoints(ckpt_dir) else None
     return latest_checkpoint(ckpt_dir) if resume else None
+
+
+def restarts_left() -> int:
+    """How many more times torchrun (``--max_restarts``) restarts this process group if it fails."""
+    most = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return max(0, most - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0))
 
 
 def restart_note() -> str:
