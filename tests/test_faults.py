@@ -117,3 +117,112 @@ def test_lstm_on_a_real_full_disk_ends_with_one_line_and_resume_on_a_roomy_disk_
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming full from step {meta['step']}" in done.stdout
     assert json.loads((roomy / "full" / "metrics.json").read_text())["finished"]
+
+
+# --- a killed rank, restarted by the launcher ----------------------------------------------------
+
+# torchrun's restarts need the c10d rendezvous with its own store per attempt (see docs/scaling.md)
+RESTARTS = ["--rdzv_backend", "c10d", "--max_restarts", "1"]
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def launch_cmd(args, launcher_flags=()) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCS),
+            "--main_process_port", str(free_port()), *launcher_flags, *map(str, args)]
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    ranks = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks.update({int(item[5:]): int(child) for item in env if item.startswith(b"RANK=")})
+    return ranks
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run / "checkpoints" / step_dirs(run)[-1] / "model.safetensors"))
+
+
+def test_a_killed_rank_is_restarted_by_the_launcher_and_the_run_ends_bit_exact(tmp_path):
+    """2 CPU processes, `--max_restarts 1 --resume auto`: SIGKILL rank 1 after the checkpoint at step 20.
+    torchrun restarts the group, the run continues from its last checkpoint by itself, the launch exits 0,
+    and the final weights equal an uninterrupted 2-process run's, bit for bit."""
+    args = [*LSTM, "--hidden-dim", "16", "--steps", "60", "--out-dir", tmp_path, "--resume", "auto"]
+    ref = subprocess.run(launch_cmd([*args, "--run-name", "ref"]), cwd=ROOT, env=clean_env(**DETAIL),
+                         capture_output=True, text=True, timeout=400)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run, log = tmp_path / "cut", tmp_path / "cut.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen(launch_cmd([*args, "--run-name", "cut"], RESTARTS), cwd=ROOT,
+                                 env=clean_env(**DETAIL, **RESTART_ENV), stdout=out, stderr=subprocess.STDOUT)
+    wait_for(child, lambda: (run / "checkpoints" / "step_00000020").is_dir(), "the checkpoint at step 20", 300)
+    ranks = rank_pids(child.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    assert child.wait(timeout=400) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    resumed = [line for line in text.splitlines() if line.startswith("resuming cut from step ")]
+    assert len(resumed) == 1 and resumed[0].endswith("(restart 1 of 1)"), text[-4000:]
+    assert int(resumed[0].split()[4]) >= 20
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["finished"] and m["steps"] == 60 and m["processes"] == 2
+    a, b = final_weights(tmp_path / "ref"), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(set(rank_facts(run)["weights"])) == 1
+    # the first attempt's rank 0 said why it stopped, once, and that the launcher restarts it
+    failed = [line for line in text.splitlines() if "lstm.py: error:" in line]
+    assert len(failed) == 1 and "the launcher restarts the job" in failed[0], failed
+
+
+# --- resuming on another number of processes ------------------------------------------------------
+
+def test_lstm_resumes_from_one_process_on_two_and_back_keeping_the_global_batch(tmp_path):
+    """1 process x batch 32 -> 2 processes x 16 -> 1 process x 32: each launch says it continues on N
+    processes instead of M, every rank's weights right after loading equal the checkpoint's, and the
+    run finishes. (Bit-exact only on the same number of processes: not asserted across the change.)"""
+    from safetensors.torch import load_file
+    from trainers.debug import fingerprint
+    base = [*LSTM, "--hidden-dim", "16", "--batch-size", "32", "--out-dir", tmp_path, "--run-name", "el"]
+    run = tmp_path / "el"
+    one = subprocess.run([sys.executable, *base, "--steps", "20"], cwd=ROOT, env=clean_env(**DETAIL),
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def loaded_as_saved(step: int, world: int):
+        saved = load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+        from trainers.cli import build
+        from trainers.lstm import LSTMConfig, build_model
+        order = build_model(build(LSTMConfig, hidden_dim=16)).state_dict()   # the model's own key order
+        assert rank_facts(run)["loaded_weights"] == [fingerprint(*(saved[k] for k in order))] * world
+
+    two = subprocess.run(launch_cmd([*base, "--steps", "40", "--resume"]), cwd=ROOT, env=clean_env(**DETAIL),
+                         capture_output=True, text=True, timeout=400)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("el: continuing on 2 process(es) instead of 1: --batch-size 16 per process keeps "
+                            "the global batch of 32") == 1, two.stdout[-3000:]
+    loaded_as_saved(20, 2)
+    m = json.loads((run / "metrics.json").read_text())
+    assert (m["processes"], m["resumed_from_processes"], m["steps"], m["config"]["batch_size"]) == (2, 1, 40, 16)
+
+    back = subprocess.run([sys.executable, *base, "--steps", "60", "--resume"], cwd=ROOT, env=clean_env(**DETAIL),
+                          capture_output=True, text=True, timeout=300)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "el: continuing on 1 process(es) instead of 2: --batch-size 32 per process" in back.stdout
+    loaded_as_saved(40, 1)
+    m = json.loads((run / "metrics.json").read_text())
+    assert (m["processes"], m["resumed_from_processes"], m["steps"], m["finished"]) == (1, 2, 60, True)
+
+    # a global batch the new count cannot split: one line, from rank 0 alone, before anything changes
+    before = files(run)
+    odd = subprocess.run(launch_cmd([*base, "--batch-size", "33", "--steps", "80", "--resume", "--no-wandb"]),
+                         cwd=ROOT, env=clean_env(**DETAIL), capture_output=True, text=True, timeout=300)
+    assert odd.returncode != 0
+    lines = [line for line in odd.stderr.splitlines() if "lstm.py: error:" in line]
+    assert len(lines) == 1 and "--batch-size 33 on 2 process(es) is a global batch of 66, not the 32" in lines[0], \
+        odd.stderr[-3000:]
+    assert 'File "' + str(ROOT / "trainers") not in odd.stderr and files(run) == before
