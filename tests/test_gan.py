@@ -127,12 +127,55 @@ def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
 def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path, precision, steps, tol):
     cfg = tiny(tmp_path, run_name="ref", max_steps=steps, ema_decay=0.0, stages="0", mixed_precision=precision)
     train(cfg)
-    G, D, _ = plain_train(cfg, load_train_images(cfg), steps)
+    G, D, _ = plain_train(cfg, load_train_images(cfg), steps, fused_adam=True)
     ckpt = tmp_path / "ref" / "checkpoints" / f"step_{steps:08d}"
     for model, file in ((G, "model.safetensors"), (D, "model_1.safetensors")):
         saved = load_file(ckpt / file)
         for k, v in model.state_dict().items():
             assert torch.allclose(saved[k], v, rtol=10 * tol, atol=tol), (file, k, (saved[k] - v).abs().max())
+
+
+def test_the_g_step_computes_no_gradient_for_d(tmp_path, monkeypatch):
+    """D's weight gradients are computed once per iteration, in the D step: the G step runs with D
+    frozen (its weight gradients would be thrown away by the next D step, and all-reduced under DDP
+    first). The plain loop of pytorch/examples computes them twice, which the same hooks see."""
+    import trainers.gan as gan
+    counts = {"trainer": 0, "plain": 0}
+    build = gan.build_models
+
+    def counted(who):
+        def build_models(cfg):
+            G, D = build(cfg)
+            for p in D.parameters():
+                p.register_hook(lambda grad: counts.__setitem__(who, counts[who] + 1))
+            return G, D
+        return build_models
+    steps, n = 5, len(list(Discriminator(base_channels=4).parameters()))
+    monkeypatch.setattr(gan, "build_models", counted("trainer"))
+    cfg = tiny(tmp_path, run_name="frozen", max_steps=steps, ema_decay=0.0, stages="0")
+    train(cfg)
+    import benchmarks.gan_speed as gan_speed
+    monkeypatch.setattr(gan_speed, "build_models", counted("plain"))
+    plain_train(cfg, load_train_images(cfg), steps)
+    assert counts == {"trainer": steps * n, "plain": 2 * steps * n}, counts
+
+
+def test_the_ema_follows_its_warm_up_formula():
+    from trainers.gan import ema_of, ema_step
+    torch.manual_seed(0)
+    G = Generator(base_channels=4)
+    ema, decay = ema_of(G), 0.75
+    reference = [p.detach().double().clone() for p in G.parameters()]
+    for t in range(1, 31):                       # decay_t: 2/11, 3/12, ..., capped at 0.75 from t=26
+        with torch.no_grad():
+            for p in G.parameters():
+                p.add_(torch.randn_like(p))
+        ema_step(ema, G, decay, t)
+        d = min(decay, (1 + t) / (10 + t))
+        reference = [r + (1 - d) * (p.detach().double() - r) for r, p in zip(reference, G.parameters())]
+    for r, a in zip(reference, ema.module.parameters()):
+        assert torch.allclose(a.double(), r, atol=1e-5), (a.double() - r).abs().max()
+    assert not torch.equal(next(ema.module.parameters()), next(G.parameters()))
 
 
 def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):

@@ -62,7 +62,7 @@ class Model:
     """model"""
     model: Literal["lstm", "rnn"] = "lstm"  # lstm (equations 1-8) or the vanilla rnn baseline
     hidden_dim: int = 128  # hidden units H
-    backend: Literal["script", "eager"] = "script"  # time loop: script (TorchScript) or eager (plain Python)
+    backend: Literal["script", "eager", "compile"] = "script"  # time loop: script (TorchScript), eager or compile
     forget_bias: float = 1.0  # initial forget-gate bias b_f (the report's init is 0)
 
 
@@ -251,7 +251,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
                             job_type=cfg.log.wandb_job_type,
-                            tags=[cfg.model.model, f"T{cfg.data.seq_length}", cfg.data.input_encoding])
+                            tags=[cfg.model.model, f"T{cfg.data.seq_length}", cfg.data.input_encoding],
+                            resumed_from=start)   # one wandb run across restarts (its id kept in the run folder)
     stop, t0 = StopFlag(), time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
     bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.name, dynamic_ncols=True,
