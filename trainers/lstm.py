@@ -14,7 +14,9 @@ checkpoints/best/ the checkpoint of the best validation, beside the latest ones.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
 import sys
 import time
@@ -30,8 +32,10 @@ from tqdm.auto import tqdm
 from models.lstm import LSTM
 from models.rnn import RNN
 from trainers import debug
-from trainers.checkpoint import BEST, PREFIX, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from trainers.cli import (Log, Run, UsageError, check_choices, flatten, parse, require_at_least,
+from trainers.checkpoint import (BEST, PREFIX, elastic_batch, full_disk_is_one_line,
+                                 list_checkpoints, load_checkpoint, read_meta, restart_note, resume_point,
+                                 save_checkpoint)
+from trainers.cli import (Log, Run, UsageError, check_choices, flatten, override, parse, require_at_least,
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
 from trainers.lstm_export import export_checkpoint, export_main
@@ -213,10 +217,16 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], str | Non
     failed, or that string). The best validation's checkpoint is kept in checkpoints/best/."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
-        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
+        resume_from = resume_point(cfg.run_dir / "checkpoints", cfg.run.resume)
+        if resume_from is not None:   # on another number of processes: the same global batch
+            batch, note = elastic_batch(resume_from, read_meta(resume_from), cfg.optim.batch_size, launched_processes())
+            cfg = override(cfg, batch_size=batch)
+            if note and int(os.environ.get("RANK", "0")) == 0:
+                print(f"{cfg.name}: {note}{restart_note()}", flush=True)
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
-        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+        with full_disk_is_one_line(cfg.run_dir / "checkpoints"), \
+                collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
             return _train(cfg, resume_from, on_eval)
 
 
@@ -230,11 +240,13 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     val_loader = DataLoader(validation_set(cfg), batch_size=1000, shuffle=False)
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
 
-    start, history, wall_before = 0, [], 0.0
+    start, history, wall_before, resumed = 0, [], 0.0, {}
     if resume_from is not None:
         meta = load_checkpoint(accelerator, resume_from)
         start, history, wall_before = meta["step"], meta["extra"].get("history", []), meta["extra"].get("wall_time", 0.0)
-        accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name})")
+        resumed = {"resumed_from_processes": meta.get("processes", 1),   # for debug.json: the weights as loaded
+                   "loaded": debug.fingerprint(*accelerator.unwrap_model(model).state_dict().values()) if debug.enabled() else 0}
+        accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name}){restart_note()}")
         if accelerator.is_main_process:   # a best checkpoint from after the resumed step belongs to a lost future
             for stale in list_checkpoints(best_dir):
                 if int(stale.name[len(PREFIX):]) > start:
@@ -313,7 +325,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                   "steps": step, "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
                   "finished": False, "config": config}
         if accelerator.is_main_process:
-            write_json_atomic(run_dir / "metrics.json", failed)
+            with contextlib.suppress(OSError):   # on a full disk the record cannot be written either
+                write_json_atomic(run_dir / "metrics.json", failed)
         tracker.summary({k: failed[k] for k in SUMMARY_KEYS + ("error",) if failed.get(k) is not None})
         if accelerator.num_processes == 1:   # with several, the process exit ends the run (no collective here)
             tracker.finish()
@@ -327,10 +340,11 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     best = list_checkpoints(best_dir)
     metrics = {**last_train, **last_val, **end_record(history, cfg), "stop_reason": reason, "steps": step,
                "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
+               **({"resumed_from_processes": resumed["resumed_from_processes"]} if resumed else {}),
                "finished": reason != "interrupted", "config": config,
                "best_checkpoint": str(best[-1]) if best else None}
     debug.record(accelerator, run_dir, weights=debug.fingerprint(*unwrapped.parameters()),
-                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1)))
+                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1)), loaded_weights=resumed.get("loaded", 0))
     if accelerator.is_main_process:
         x, y = validation_set(cfg)[0:1]   # the palindrome the gate plot reads
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
