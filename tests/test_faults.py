@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_usage_error, clean_env, free_port, rank_facts, wait_for
+from conftest import ROOT, assert_usage_error, clean_env, free_port, rank_facts, rank_pids, wait_for
 
 TWO_PROCS = ROOT / "launch" / "cpu_2proc.yaml"
 DETAIL = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "PALGAN_DEBUG": "1"}
@@ -129,17 +129,6 @@ RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 def launch_cmd(args, launcher_flags=()) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_PROCS),
             "--main_process_port", str(free_port()), *launcher_flags, *map(str, args)]
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    ranks = {}
-    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
-        try:
-            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ranks.update({int(item[5:]): int(child) for item in env if item.startswith(b"RANK=")})
-    return ranks
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
