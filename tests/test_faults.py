@@ -14,13 +14,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, assert_usage_error, clean_env, free_port, rank_facts, rank_pids, wait_for
+from conftest import ROOT, clean_env, free_port, rank_facts, rank_pids, wait_for
 
 TWO_PROCS = ROOT / "launch" / "cpu_2proc.yaml"
 DETAIL = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "PALGAN_DEBUG": "1"}
