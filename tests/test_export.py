@@ -223,14 +223,18 @@ def test_lstm_model_card_runs_without_palgan(lstm_run, tmp_path):
         assert f"tensor([{model(x).argmax(1).item()}])" in out
 
 
-def test_lstm_logs_a_model_artifact_each_time_its_best_checkpoint_changes(lstm_run):
+def test_lstm_logs_a_model_artifact_each_time_its_best_checkpoint_changes_and_every_format_at_the_end(lstm_run):
+    """Each new best: a version with config.json and model.safetensors (milliseconds); at the end of the
+    run, one more version of the best checkpoint with the graphs and the card (seconds, once)."""
     run, _ = lstm_run
     history = [r["history"]["item"] for r in wandb_records(run) if r["type"] == "history"]
     val = [(row["_step"], row["val/acc"]) for row in history if "val/acc" in row]
     assert [s for s, _ in val] == [20, 40, 60]
     improved = [s for k, (s, acc) in enumerate(val) if all(acc > a for _, a in val[:k])]
     artifacts = model_artifacts(run)
-    assert [json.loads(a["metadata"])["step"] for a in artifacts] == improved
+    assert [json.loads(a["metadata"])["step"] for a in artifacts] == improved + improved[-1:]
+    for version in artifacts[:-1]:
+        assert {"config.json", "model.safetensors"} <= {e["path"] for e in version["manifest"]["contents"]}
     assert len({a["name"] for a in artifacts}) == 1   # versions of one artifact
     assert all(sorted(a["aliases"]) == ["best", "latest"] for a in artifacts)
     staged = {e["path"]: Path(e["local_path"]) for e in artifacts[-1]["manifest"]["contents"]}

@@ -38,7 +38,7 @@ from trainers.checkpoint import (BEST, PREFIX, elastic_batch, full_disk_is_one_l
 from trainers.cli import (Log, Run, UsageError, check_choices, flatten, override, parse, require_at_least,
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
-from trainers.lstm_export import export_checkpoint, export_main
+from trainers.lstm_export import export_checkpoint, export_main, validation_at
 from trainers.lstm_plots import plot_curves, plot_gates, state_means
 from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
@@ -303,7 +303,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                 record = validation_record(history, cfg.eval.solved_acc)
                 if record["best_step"] == step:   # every rank: the accuracy is gathered, so all agree
                     best_ckpt = checkpoint(best_dir, step, keep=1)   # its export: a wandb model artifact (rank 0)
-                    tracker.log_model(lambda folder: export_checkpoint(best_ckpt, folder),
+                    # config.json + model.safetensors now; the graphs and the card of the best at the end
+                    tracker.log_model(lambda folder: export_checkpoint(best_ckpt, folder, graphs=False),
                                       metadata={"step": step, **last_val})
                 if cfg.eval.stop_when_solved and record["solved_streak"] >= cfg.eval.stop_when_solved:
                     reason = "solved"
@@ -353,6 +354,11 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
         tracker.log_images(figures, step=step)
         tracker.log_lines("gates/mean", *state_means(unwrapped, x), step=step, xname="t",
                           title="mean over units per time step, on the gate plot's palindrome")
+    if best:   # the run's model: the best checkpoint, every format (a wandb model artifact, rank 0)
+        best_meta = read_meta(best[-1])
+        tracker.log_model(lambda folder: export_checkpoint(best[-1], folder),
+                          metadata={"step": best_meta["step"],
+                                    **(validation_at(best_meta.get("extra", {}).get("history", []), best_meta["step"]) or {})})
     tracker.summary({k: metrics[k] for k in SUMMARY_KEYS + ("steps", "wall_time_s") if metrics.get(k) is not None})
     accelerator.print(f"{cfg.name}: val/acc {metrics.get('val/acc', float('nan')):.4f}  "
                       f"val/loss {metrics.get('val/loss', float('nan')):.4f}  steps {step}  "

@@ -116,13 +116,14 @@ def model_card(model: nn.Module, config: dict, step: int, validation: dict | Non
         metrics=metrics)
 
 
-def export_model(model: nn.Module, config: dict, step: int, validation: dict | None, out: Path) -> Path:
-    """Export ``model`` (an LSTM or RNN, any backend and device) into ``out``."""
+def export_model(model: nn.Module, config: dict, step: int, validation: dict | None, out: Path,
+                 graphs: bool = True) -> Path:
+    """Export ``model`` (an LSTM or RNN, any backend and device) into ``out`` (``graphs``: see export_folder)."""
     copy = eager_copy(model)
     example = encode(torch.tensor([example_palindrome(config["seq_length"])[:-1]] * 2),
                      config.get("input_encoding", "onehot"), copy.output_dim)   # (2, T-1, D)
     dims = {"input_dim": copy.input_dim, "hidden_dim": copy.hidden_dim, "output_dim": copy.output_dim}
-    return export_folder(copy, dims, example, "x", "logits", model_card(copy, config, step, validation), out)
+    return export_folder(copy, dims, example, "x", "logits", model_card(copy, config, step, validation), out, graphs)
 
 
 def load_checkpoint_model(ckpt: Path) -> tuple[nn.Module, dict]:
@@ -156,11 +157,11 @@ def best_checkpoint(path: Path) -> Path:
     raise UsageError(f"no checkpoint found in {path}; pass a run folder or one of its checkpoint folders")
 
 
-def export_checkpoint(ckpt: Path, out: Path) -> Path:
+def export_checkpoint(ckpt: Path, out: Path, graphs: bool = True) -> Path:
     model, meta = load_checkpoint_model(ckpt)
     step = int(meta["step"])
     return export_model(model, meta.get("config", {}), step,
-                        validation_at(meta.get("extra", {}).get("history", []), step), out)
+                        validation_at(meta.get("extra", {}).get("history", []), step), out, graphs)
 
 
 def export_main(argv: Sequence[str] | None = None) -> Path:
