@@ -69,6 +69,7 @@ class Model:
     hidden_dim: int = 128  # hidden units H
     backend: Literal["script", "eager"] = "script"  # time loop: script (TorchScript) or eager (plain Python)
     forget_bias: float = 1.0  # initial forget-gate bias b_f (the report's init is 0)
+    rnn_init: Literal["default", "orthogonal", "identity"] = "default"  # the RNN's W_hh: N(0, 1/H), orthogonal, or I (Le et al. 2015)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def build_model(cfg: LSTMConfig) -> torch.nn.Module:
     m = cfg.model
     if m.model == "lstm":
         return LSTM(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend, forget_bias=m.forget_bias)
-    return RNN(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend)
+    return RNN(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend, init=m.rnn_init)
 
 
 @torch.no_grad()
