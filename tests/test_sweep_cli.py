@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from conftest import ROOT, clean_env, signal_when
 from tune.lstm_sweep import QUICK
 
-SHRINK = ["--seq-lengths", "4", "--hidden-dims", "6", "--batch-size", "16", "--val-size", "100",
+SHRINK = ["--seq-lengths", "4", "--max-seq-length", "4", "--hidden-dims", "6", "--batch-size", "16", "--val-size", "100",
           "--eval-every", "10", "--grace-period", "10", "--floor-acc", "0"]
 
 
