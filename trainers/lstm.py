@@ -8,7 +8,7 @@
     python trainers/lstm.py --seq-length 1000 --hidden-dim 64 --lr 1.5e-3 --forget-bias 5 --curriculum \
         --steps 8000 --eval-every 250 --solved-acc 0.99 --stop-when-solved 1 --num-threads 1   # T=1000
 
-Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}:
+Writes <out-dir>/<run-name>/{metrics.json, figures/{curves,gates,memory}.png, checkpoints/}:
 metrics.json holds the last and the best validation (accuracy and step) and why the run ended;
 checkpoints/best/ the checkpoint of the best validation, beside the latest ones.
 --curriculum trains on shorter palindromes first (T/8, then x2 each time the training accuracy reaches
@@ -36,7 +36,7 @@ from trainers.checkpoint import PREFIX, latest_checkpoint, list_checkpoints, loa
 from trainers.cli import (Log, Run, UsageError, check_choices, flatten, parse, require_at_least,
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
-from trainers.lstm_plots import plot_curves, plot_gates, state_means
+from trainers.lstm_plots import plot_curves, plot_gates, plot_memory, state_means
 from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
@@ -389,6 +389,9 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
         x, y = validation_set(cfg)[0:1]   # the palindrome the gate plot reads
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
                    "figures/gates": plot_gates(unwrapped, x, y, run_dir / "figures" / "gates.png")}
+        if cfg.model.model == "lstm":   # which units hold the first digit, over 100 validation palindromes
+            figures["figures/memory"] = plot_memory(unwrapped, validation_set(cfg)[:100][0],
+                                                    run_dir / "figures" / "memory.png")
         write_json_atomic(run_dir / "metrics.json", metrics)
         tracker.log_images(figures, step=step)
         tracker.log_lines("gates/mean", *state_means(unwrapped, x), step=step, xname="t",

@@ -76,9 +76,9 @@ Models = Annotated[tuple[str, ...], listing(str, "{" + ",".join(MODELS) + "}")]
 @dataclass
 class Search:
     """search space"""
-    models: Models = ("lstm", "rnn", "rnn-identity")  # models to sweep (rnn-orthogonal, rnn-identity: the RNN's W_hh init)
-    lstm_seq_lengths: Ints = (20, 50, 100, 200, 400)  # the LSTM's grid of palindrome lengths T
-    rnn_seq_lengths: Ints = (10, 20, 40, 80)  # the RNNs' grid of palindrome lengths T
+    models: Models = MODELS  # models to sweep (rnn-orthogonal, rnn-identity: the RNN with that W_hh init)
+    lstm_seq_lengths: Ints = (50, 100, 200, 400)  # the LSTM's grid of palindrome lengths T (the extension goes on)
+    rnn_seq_lengths: Ints = (10, 30, 60)  # the RNNs' grid of palindrome lengths T (the extension goes on)
     seq_lengths: Ints = ()  # one grid of T for every model, in place of the two above
     hidden_dims: Ints = (32, 64)  # hidden sizes drawn from (uniformly)
     lr_min: float = 7e-4  # lower end of the log-uniform learning-rate range
