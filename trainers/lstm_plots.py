@@ -25,7 +25,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     for r in advances:
-        ax_acc.text(r["step"], 0.02, f" T={r['curriculum/T']}", rotation=90, fontsize=8, color="grey", va="bottom")
+        ax_acc.text(r["step"], 0.5, f" T={r['curriculum/T']}", rotation=90, fontsize=8, color="grey", va="bottom")
     if advances or any("curriculum/T" in r for r in history):
         first = next(r for r in history if "curriculum/T" in r)
         ax_acc.set_title(f"accuracy (training T from {first['curriculum/T']}; validation at the target T)")
