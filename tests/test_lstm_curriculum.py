@@ -2,13 +2,16 @@
 bad flags, a run that follows the rule (read back from its files), and a resume in the middle of the
 curriculum that ends bit for bit where an uninterrupted run does."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_usage_error, run_script
+from conftest import ROOT, assert_usage_error, clean_env, free_port, rank_facts, run_script
+from trainers import debug
 from trainers.checkpoint import read_meta
 from trainers.cli import build
 from trainers.lstm import (LSTMConfig, build_model, curriculum_length, curriculum_lengths, train, train_batch,
@@ -116,3 +119,30 @@ def test_a_resume_in_the_middle_of_the_curriculum_is_bit_exact(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_two_processes_advance_together_on_their_mean_accuracy(tmp_path):
+    """2 CPU processes (gloo): every rank trains at the same length at every step (their weights end
+    equal), on batches of its own, and the advances follow the rule on the mean over ranks."""
+    flags = ["--seq-length", "16", "--curriculum", "--hidden-dim", "16", "--batch-size", "32", "--lr", "1e-2",
+             "--log-every", "10", "--eval-every", "40", "--val-size", "200", "--no-progress", "--num-threads", "1",
+             "--steps", "120", "--out-dir", str(tmp_path), "--run-name", "two"]
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+                           "trainers/lstm.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=clean_env(TORCH_DISTRIBUTED_DEBUG="DETAIL", PALGAN_DEBUG="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "two"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and len(metrics["curriculum"]) >= 2
+    facts = rank_facts(run)
+    assert len(facts["weights"]) == 2 and len(set(facts["weights"])) == 1
+    cfg = build(LSTMConfig, curriculum=True, seq_length=16, batch_size=32)
+    assert facts["first_batch"] == [debug.fingerprint(*train_batch(cfg, r, 1, 2)) for r in range(2)]
+    assert facts["first_batch"][0] != facts["first_batch"][1]
+    length, expected = 2, [{"step": 0, "T": 2}]
+    for row in (r for r in history_of(run) if "train/acc" in r):   # the mean over both ranks
+        if row["train/acc"] >= 0.99 and length < 16:
+            length *= 2
+            expected.append({"step": row["step"], "T": length})
+    assert metrics["curriculum"] == expected

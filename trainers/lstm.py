@@ -384,7 +384,7 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                **({"curriculum": [{"step": r["step"], "T": r["curriculum/T"]} for r in history if "curriculum/T" in r]}
                   if cfg.data.curriculum else {})}
     debug.record(accelerator, run_dir, weights=debug.fingerprint(*unwrapped.parameters()),
-                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1)))
+                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1, curriculum_lengths(cfg)[0])))
     if accelerator.is_main_process:
         x, y = validation_set(cfg)[0:1]   # the palindrome the gate plot reads
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
