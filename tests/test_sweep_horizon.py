@@ -140,3 +140,24 @@ def test_a_tiny_sweep_extends_its_grid_in_rounds_until_the_horizon_is_found(ray_
     for r in rows:   # each trial's run folder: the trainer's record of its T and seed
         cfg = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["config"]
         assert (cfg["seq_length"], cfg["seed"]) == (r["seq_length"], r["draw"])
+
+
+def test_the_floor_starts_later_for_longer_palindromes():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from tune.asha import GroupedASHA
+
+    sched = GroupedASHA(("model", "seq_length"), metric="val/acc", mode="max", time_attr="step", max_t=5000,
+                        grace_period=5000, reduction_factor=3, floor_acc=0.15, floor_step=750, floor_length=100)
+    verdicts = {}
+    for t in (50, 100, 400):
+        trial = SimpleNamespace(trial_id=f"t{t}", config={"model": "lstm", "seq_length": t})
+        sched.on_trial_add(None, trial)
+        for step in range(250, 3251, 250):   # at chance throughout
+            if sched.on_trial_result(None, trial, {"step": step, "val/acc": 0.1}) == TrialScheduler.STOP:
+                verdicts[t] = step
+                break
+    # up to T=100 from step 750; at T=400 from 750 x 400 / 100 = 3000
+    assert verdicts == {50: 750, 100: 750, 400: 3000}

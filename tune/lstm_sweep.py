@@ -110,6 +110,7 @@ class Scheduling:
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf of a grid point's trials at each rung
     floor_acc: float = 0.15  # cull a trial below this val accuracy from --floor-step on (chance: 0.1; 0: off)
     floor_step: int = 750  # the step from which --floor-acc applies
+    floor_length: int = 100  # above this T the floor starts later, at --floor-step x T / --floor-length (0: never)
     cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
     gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
@@ -155,7 +156,7 @@ class SweepConfig:
             require_positive(value, name)
         require_non_negative(sch.gpus_per_trial, "gpus_per_trial")
         for low, names in ((1, ("num_samples", "steps", "eval_every", "batch_size", "val_size", "grace_period",
-                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus"))):
+                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus", "floor_length"))):
             for name in names:
                 require_at_least(flatten(self)[name], low, name)
         for ok, why in ((s.lr_min < s.lr_max, f"the lr range is empty or inverted (--lr-min {s.lr_min:g} >= "
@@ -401,7 +402,8 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1, points: list[
     scheduler = GroupedASHA(("sweep_model", "seq_length"), metric=METRIC, mode="max", time_attr=TIME_ATTR,
                             max_t=sc.trial.steps, grace_period=sch.grace_period,
                             reduction_factor=sch.reduction_factor, floor_acc=sch.floor_acc,
-                            floor_step=sch.floor_step, cull_dir=str(sc.sweep_dir / CULLED))
+                            floor_step=sch.floor_step, floor_length=sch.floor_length,
+                            cull_dir=str(sc.sweep_dir / CULLED))
     return tune.Tuner(
         trainable(sc),
         param_space=param_space,
