@@ -98,6 +98,11 @@ def test_a_run_follows_the_rule_and_validates_at_the_target_t(tmp_path):
     logged = read_offline_run(wandb_file)
     assert [{"step": h["_step"], "T": h["curriculum/T"]} for h in logged["history"] if "curriculum/T" in h] == expected
     assert "curriculum" in logged["run"]["tags"]
+    # the figures: the curves and the memory figure, as images
+    import matplotlib.image as mpimg
+    for name in ("curves", "gates", "memory"):
+        image = mpimg.imread(run / "figures" / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0, name
 
 
 def test_a_resume_in_the_middle_of_the_curriculum_is_bit_exact(tmp_path):
