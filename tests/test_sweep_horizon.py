@@ -152,12 +152,12 @@ def test_the_floor_starts_later_for_longer_palindromes():
     sched = GroupedASHA(("model", "seq_length"), metric="val/acc", mode="max", time_attr="step", max_t=5000,
                         grace_period=5000, reduction_factor=3, floor_acc=0.15, floor_step=750, floor_length=100)
     verdicts = {}
-    for t in (50, 100, 400):
+    for t in (50, 100, 200, 400):
         trial = SimpleNamespace(trial_id=f"t{t}", config={"model": "lstm", "seq_length": t})
         sched.on_trial_add(None, trial)
         for step in range(250, 3251, 250):   # at chance throughout
             if sched.on_trial_result(None, trial, {"step": step, "val/acc": 0.1}) == TrialScheduler.STOP:
                 verdicts[t] = step
                 break
-    # up to T=100 from step 750; at T=400 from 750 x 400 / 100 = 3000
-    assert verdicts == {50: 750, 100: 750, 400: 3000}
+    # up to T=100 from step 750; at T=200 from 750 x 200 / 100 = 1500; at T=400 from half of max_t
+    assert verdicts == {50: 750, 100: 750, 200: 1500, 400: 2500}

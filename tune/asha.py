@@ -7,8 +7,8 @@ trials of one task, the ones whose validation accuracy falls below the rung's cu
 
 Two more rules, for a sweep that maps where each model stops learning:
 - a floor: a trial still below ``floor_acc`` at ``floor_step`` or later (with ``floor_length``, at
-  ``floor_step * T / floor_length`` for a T above it: the time a long palindrome's trial spends at
-  chance before it learns grows with T) is culled whatever its
+  ``floor_step * T / floor_length`` for a T above it, at most half of ``max_t``: the time a long
+  palindrome's trial spends at chance before it learns grows with T) is culled whatever its
   grid point's other trials do (a grid point where no trial learns would otherwise keep its best
   chance-level trial to the end);
 - with ``cull_dir`` set, a culled trial is not killed: the scheduler writes its verdict to
@@ -86,7 +86,9 @@ class GroupedASHA(FIFOScheduler):
 
     def floor_step_of(self, trial) -> float:
         t = trial.config.get("seq_length", 0)
-        return self.floor_step * max(1.0, t / self.floor_length) if self.floor_length else self.floor_step
+        if not self.floor_length or t <= self.floor_length:
+            return self.floor_step
+        return max(self.floor_step, min(self.floor_step * t / self.floor_length, self.asha_kwargs["max_t"] / 2))
 
     def on_trial_complete(self, tune_controller, trial, result: Dict):
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)

@@ -110,7 +110,7 @@ class Scheduling:
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf of a grid point's trials at each rung
     floor_acc: float = 0.15  # cull a trial below this val accuracy from --floor-step on (chance: 0.1; 0: off)
     floor_step: int = 750  # the step from which --floor-acc applies
-    floor_length: int = 100  # above this T the floor starts later, at --floor-step x T / --floor-length (0: never)
+    floor_length: int = 100  # above this T the floor starts later: --floor-step x T / --floor-length, at most --steps / 2 (0: never)
     cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
     gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint

@@ -194,7 +194,8 @@ def table_markdown(rows: list[dict], f: dict, wall_s: float | None = None) -> st
              f"; up to {f['steps']} steps of batch {f['batch_size']}, solved at {100 * f['solved_acc']:g}% held for "
              f"{f['solve_patience']} validations (every {f['eval_every']} steps), culled by ASHA per grid point or "
              f"below {100 * f['floor_acc']:g}% from step {f['floor_step']}" +
-             (f" (x T/{f['floor_length']} above T={f['floor_length']})" if f.get("floor_length") else "") +
+             (f" (x T/{f['floor_length']} above T={f['floor_length']}, at most from step {f['steps'] // 2})"
+              if f.get("floor_length") else "") +
              f"; fixed validation set of {f['val_size']} "
              f"palindromes per T. Chance is {100 * CHANCE:.0f}%. -: not run for that model." +
              (f" Past the grid, each model's T was extended (doubling, then bisecting between the last solved and "
