@@ -34,11 +34,12 @@ def trainer_device() -> torch.device:
 
 
 def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models: bool = False,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", fused_adam: bool = False):
     """The reference: the DCGAN loop in plain PyTorch, one process, no Accelerate, no EMA, written
     as pytorch/examples' dcgan/main.py writes it (D's gradients computed in the G step, the losses
     read every iteration), on ``device`` with the data moved there once.
 
+    ``fused_adam``: the trainer's optimiser instead of the example's (for the tests' weight comparison).
     Returns ``(G, D, seconds)`` where seconds covers the ``steps`` iterations only.
     """
     device = torch.device(device)
@@ -46,8 +47,8 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
     images = images.to(device)
     if cfg.optim.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    adam = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused_adam or None)
+    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
     G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.optim.mixed_precision == "bf16")
     iters = iterations_per_epoch(len(images), cfg.optim.batch_size, 1)

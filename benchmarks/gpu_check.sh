@@ -60,24 +60,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'accelerate', accelerate.__version__)"
 git log -1 --format='commit %H' 2>/dev/null || true
 
-step 90 tests env PALGAN_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -n 4 \
+step 60 tests env PALGAN_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -n 4 \
     tests/test_models.py tests/test_lstm_precision.py
-step 70 lstm_speed_fp32 "$PY" benchmarks/lstm_speed.py --device cuda --precision fp32 --rounds 5 \
+step 60 lstm_speed_fp32 "$PY" benchmarks/lstm_speed.py --device cuda --precision fp32 --rounds 5 \
     --variants report-loop eager script nn.LSTM --json "$RES/lstm_speed_fp32.json"
-step 70 lstm_speed_compile "$PY" benchmarks/lstm_speed.py --device cuda --precision fp32 --rounds 5 \
+step 60 lstm_speed_compile "$PY" benchmarks/lstm_speed.py --device cuda --precision fp32 --rounds 5 \
     --sizes 128,128,20 --variants compile script nn.LSTM --json "$RES/lstm_speed_fp32_compile.json"
 step 50 lstm_speed_bf16 "$PY" benchmarks/lstm_speed.py --device cuda --precision bf16 --rounds 5 \
     --variants script nn.LSTM --json "$RES/lstm_speed_bf16.json"
-step 80 gan_speed_b128 "$PY" benchmarks/gan_speed.py --base-channels 128 --batch-size 128 --mixed-precision bf16 \
+step 60 gan_speed_b128 "$PY" benchmarks/gan_speed.py --base-channels 128 --batch-size 128 --mixed-precision bf16 \
     --steps 100 --rounds 3 --json "$RES/gan_speed_b128_bs128_bf16.json"
-step 50 gan_speed_b64 "$PY" benchmarks/gan_speed.py --base-channels 64 --batch-size 64 --mixed-precision bf16 \
+step 45 gan_speed_b64 "$PY" benchmarks/gan_speed.py --base-channels 64 --batch-size 64 --mixed-precision bf16 \
     --steps 100 --rounds 3 --json "$RES/gan_speed_b64_bs64_bf16.json"
-step 110 gan_paper accelerate launch --config_file launch/gpu_1.yaml --mixed_precision bf16 trainers/gan.py \
+step 80 gan_paper accelerate launch --config_file launch/gpu_1.yaml --mixed_precision bf16 trainers/gan.py \
     --preset paper --epochs 1 --no-wandb --no-progress --out-dir "$RUNS" --run-name gan-paper-bf16
-step 40 lstm_T20 accelerate launch --config_file launch/gpu_1.yaml trainers/lstm.py --seq-length 20 --steps 2000 \
+step 60 lstm_T20 accelerate launch --config_file launch/gpu_1.yaml trainers/lstm.py --seq-length 20 --steps 1500 \
     --no-wandb --no-progress --out-dir "$RUNS" --run-name lstm-T20
 if [ "$gpus" -ge 2 ]; then
-    step 90 gan_2gpu accelerate launch --config_file launch/gpu_node.yaml --num_processes 2 --mixed_precision bf16 \
+    step 60 gan_2gpu accelerate launch --config_file launch/gpu_node.yaml --num_processes 2 --mixed_precision bf16 \
         trainers/gan.py --preset paper --max-steps 200 --no-wandb --no-progress --out-dir "$RUNS" --run-name gan-2gpu
 else
     echo; echo "=== gan_2gpu: skipped, this machine has 1 GPU ==="

@@ -2,6 +2,7 @@
 
     python benchmarks/scaling.py                       # both trainers, 3 interleaved rounds
     python benchmarks/scaling.py --trainers gan --rounds 2 --json scaling.json
+    python benchmarks/scaling.py --trainers gan,gan-local        # --batchnorm global (default) and local
     python benchmarks/scaling.py --paper               # the on-paper numbers for GPUs and nodes
 
 Each measurement is a real `accelerate launch --config_file launch/cpu_{1,2}proc.yaml trainers/<x>.py`
@@ -34,6 +35,8 @@ TRAINERS = {
     "lstm": ("trainers/lstm.py", ["--seq-length", "20", "--steps", "600", "--eval-every", "600",
                                   "--checkpoint-every", "600", "--val-size", "1000"], 128),
     "gan": ("trainers/gan.py", ["--preset", "cpu-demo", "--max-steps", "80", "--stages", "0"], None),
+    "gan-local": ("trainers/gan.py", ["--preset", "cpu-demo", "--max-steps", "80", "--stages", "0",
+                                      "--batchnorm", "local"], None),
 }
 
 
@@ -95,7 +98,8 @@ def paper_numbers(base_channels: int = 128, batch: int = 128, latent: int = 100)
         fake = G(z)
         d_real, d_fake = D(real), D(fake.detach())
         (F.softplus(-d_real).mean() + F.softplus(d_fake).mean()).backward()   # D step
-        F.softplus(-D(fake)).mean().backward()                                # G step
+        D.requires_grad_(False)                                               # G step, D frozen
+        F.softplus(-D(fake)).mean().backward()
     g_params = sum(p.numel() for p in G.parameters())
     d_params = sum(p.numel() for p in D.parameters())
     return {"g_params": g_params, "d_params": d_params, "flops_per_iter": counter.get_total_flops(),

@@ -18,28 +18,35 @@ Backends:
   back-propagation through time as TorchScript loops, each step one C++ op on CPU in
   float32/float64 (``kernels`` picks the form of the step).
 - ``"eager"``: ``lstm_loop`` below, the plain Python loop with autograd, the reference.
+- ``"compile"``: the same loop with its step (``lstm_step``, eqs 1-6) compiled by ``torch.compile``.
+  The step does not depend on L or B, so one compilation serves every batch and sequence length
+  (two graphs: the first step, whose zero state needs no gradient, and the others); backward is
+  the compiled backward of each step.
 
 Under autocast (bf16 on CPU or GPU, fp16 on GPU) the fused layer runs its whole recurrence in
 autocast's dtype; the eager loop follows autocast op by op (matmuls low, pointwise fp32).
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from models.lstm_fused import KERNELS, fused_lstm
 
 GATES = ("g", "i", "f", "o")
-BACKENDS = ("script", "eager")
+BACKENDS = ("script", "eager", "compile")
 
 
-class LSTM(nn.Module):
+class LSTM(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["lstm", "palindromes"]):
     """``LSTM(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``.
 
-    ``backend``: ``"script"`` (the fused layer) or ``"eager"`` (``lstm_loop``). For the fused
+    ``backend``: ``"script"`` (the fused layer), ``"eager"`` (``lstm_loop``) or ``"compile"``
+    (``lstm_loop`` with a ``torch.compile``d step). For the fused
     layer, ``kernels`` is the form of its steps, ``"auto"`` (the C++ step ops where they apply),
     ``"cpp"`` (those ops, or an error where they do not apply) or ``"script"`` (TorchScript ops
     only), and ``weight_grad_kernel`` sums the C++ path's weight gradients with the op
@@ -75,7 +82,10 @@ class LSTM(nn.Module):
                                    self.weight_grad_kernel)
         else:
             xw = x @ self.W_x + self.b                     # (B, L, 4H): input part of eqs 1-4
-            h, states = lstm_loop(xw, self.W_h, return_states)
+            step = lstm_step if return_states else lstm_cell
+            if self.backend == "compile":
+                step = compiled(step)
+            h, states = lstm_loop(xw, self.W_h, return_states, step)
         p = h @ self.W_ph + self.b_p                       # (7) h: (B, H) -> p: (B, K)
         if return_states:
             return p, dict(zip(GATES + ("c", "h"), states))
@@ -109,27 +119,51 @@ class LSTM(nn.Module):
 
 # --- the reference loop --------------------------------------------------------------------------
 
-def lstm_loop(xw: Tensor, W_h: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
+def lstm_step(xw_t: Tensor, h: Tensor, c: Tensor, W_h: Tensor) -> Tuple[Tensor, ...]:
+    """One time step, eqs 1-6: ``xw_t (B, 4H)`` (the input part), ``h, c (B, H)`` ->
+    ``g, i, f, o, c, h``, each ``(B, H)``."""
+    gates = xw_t + h @ W_h                            # (B, 4H)
+    z_g, z_i, z_f, z_o = gates.chunk(4, dim=1)        # each (B, H)
+    g = torch.tanh(z_g)                               # (1)
+    i = torch.sigmoid(z_i)                            # (2)
+    f = torch.sigmoid(z_f)                            # (3)
+    o = torch.sigmoid(z_o)                            # (4)
+    c = g * i + c * f                                 # (5)
+    h = torch.tanh(c) * o                             # (6)
+    return g, i, f, o, c, h
+
+
+def lstm_cell(xw_t: Tensor, h: Tensor, c: Tensor, W_h: Tensor) -> Tuple[Tensor, Tensor]:
+    """``lstm_step`` without the gates: ``(c, h)``, all the loop needs when no states are kept."""
+    *_, c, h = lstm_step(xw_t, h, c, W_h)
+    return c, h
+
+
+@functools.cache
+def compiled(step: Callable) -> Callable:
+    """``torch.compile(step)`` with dynamic shapes, made once per step function on first use (so
+    that importing the model does not import the compiler). Dynamic: the batch size and the
+    strides of ``xw_t``, a view of ``(B, L, 4H)`` whose stride is ``L * 4H``, change without a
+    recompilation."""
+    return torch.compile(step, dynamic=True)
+
+
+def lstm_loop(xw: Tensor, W_h: Tensor, keep_states: bool,
+              step: Callable = lstm_step) -> Tuple[Tensor, List[Tensor]]:
     """Run eqs 1-6 over time with autograd. ``xw = x W_x + b`` is ``(B, L, 4H)``; returns
-    ``h_L`` and, if asked, the per-step ``[g, i, f, o, c, h]`` each ``(B, L, H)``."""
+    ``h_L`` and, if asked, the per-step ``[g, i, f, o, c, h]`` each ``(B, L, H)``. ``step`` is
+    ``lstm_step`` or, without states, ``lstm_cell``; either one compiled, for the compile backend."""
     B, L, H4 = xw.shape
     H = H4 // 4
     h = xw.new_zeros(B, H)
     c = xw.new_zeros(B, H)
     steps: List[List[Tensor]] = [[], [], [], [], [], []]
-    # unbind/chunk rather than xw[:, t] and gates[:, k*H:(k+1)*H]: their backward assembles the
-    # gradient once, where indexing would add a zero-filled (B, L, 4H) tensor per step.
+    # unbind rather than xw[:, t] (and chunk in the step rather than slices): their backward
+    # assembles the gradient once, where indexing would add a zero-filled (B, L, 4H) tensor per step.
     for xw_t in xw.unbind(1):
-        gates = xw_t + h @ W_h                            # (B, 4H)
-        z_g, z_i, z_f, z_o = gates.chunk(4, dim=1)        # each (B, H)
-        g = torch.tanh(z_g)                               # (1)
-        i = torch.sigmoid(z_i)                            # (2)
-        f = torch.sigmoid(z_f)                            # (3)
-        o = torch.sigmoid(z_o)                            # (4)
-        c = g * i + c * f                                 # (5)
-        h = torch.tanh(c) * o                             # (6)
+        *gates, c, h = step(xw_t, h, c, W_h)             # gates: g, i, f, o (none from lstm_cell)
         if keep_states:
-            for k, v in enumerate([g, i, f, o, c, h]):
+            for k, v in enumerate([*gates, c, h]):
                 steps[k].append(v)
     states: List[Tensor] = []
     if keep_states:

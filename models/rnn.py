@@ -17,9 +17,10 @@ import math
 from typing import List, Tuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
-from models.lstm import BACKENDS
+from models.lstm import BACKENDS, compiled
 from models.lstm_fused import compute_dtype, script
 
 RNN_INITS = ("default", "orthogonal", "identity")
@@ -43,7 +44,22 @@ def rnn_loop(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[
 rnn_loop_script = script(rnn_loop)
 
 
-class RNN(nn.Module):
+def rnn_step(xw_t: Tensor, h: Tensor, W_hh: Tensor) -> Tensor:
+    """One step: ``xw_t (B, H)`` (the input part), ``h (B, H)`` -> the next ``h``."""
+    return torch.tanh(xw_t + h @ W_hh)
+
+
+def rnn_loop_compiled(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
+    """``rnn_loop`` with its step compiled by ``torch.compile`` (once for every L)."""
+    step, h, hs = compiled(rnn_step), xw.new_zeros(xw.shape[0], xw.shape[2]), []
+    for xw_t in xw.unbind(1):
+        h = step(xw_t, h, W_hh)               # (B, H)
+        if keep_states:
+            hs.append(h)
+    return h, [torch.stack(hs, dim=1)] if keep_states else []
+
+
+class RNN(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["rnn", "palindromes"]):
     """``RNN(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``."""
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, backend: str = "script",
@@ -76,7 +92,8 @@ class RNN(nn.Module):
                 h, states = rnn_loop_script(xw, W_hh, return_states)  # (B, H)
         else:
             xw = x @ self.W_hx + self.b_h                    # (B, L, H)
-            h, states = rnn_loop(xw, self.W_hh, return_states)
+            loop = rnn_loop_compiled if self.backend == "compile" else rnn_loop
+            h, states = loop(xw, self.W_hh, return_states)
         p = h @ self.W_ph + self.b_p                     # (B, K)
         if return_states:
             return p, {"h": states[0]}

@@ -223,20 +223,20 @@ def test_slurm_dry_run_two_nodes_of_four_gpus(tmp_path):
         assert flag(cmd, "--main_process_ip") == "gpu-a" and flag(cmd, "--main_process_port") == "29500"
         assert flag(cmd, "--rdzv_conf") == "timeout=300" and flag(cmd, "--dist-timeout") == "300"
         trainer = cmd[cmd.index("trainers/gan.py"):]
+        # --resume auto: a first start trains from scratch, a requeued one continues from its checkpoint
         assert trainer == ["trainers/gan.py", "--dist-timeout", "300", "--out-dir", str(tmp_path),
-                           "--run-name", "slurm-palgan-42"]
-    # a requeued job finds the preempted one's checkpoint and resumes it on every node
-    (tmp_path / "slurm-palgan-42" / "checkpoints" / "step_00000100").mkdir(parents=True)
-    resumed = dry_run(tmp_path, "trainers/lstm.py", "--seq-length", "20")
-    for rank, cmd in enumerate(resumed):
+                           "--run-name", "slurm-palgan-42", "--resume", "auto"]
+    for rank, cmd in enumerate(dry_run(tmp_path, "trainers/lstm.py", "--seq-length", "20")):
         assert flag(cmd, "--machine_rank") == str(rank)
         assert cmd[cmd.index("trainers/lstm.py"):] == [
             "trainers/lstm.py", "--dist-timeout", "300", "--out-dir", str(tmp_path), "--run-name", "slurm-palgan-42",
-            "--resume", "--seq-length", "20"]
+            "--resume", "auto", "--seq-length", "20"]
 
 
 STUB_SRUN = """#!/usr/bin/env bash
 # srun for one machine: the command once per node of the allocation, SLURM_NODEID set, signals forwarded
+echo "$* SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-} TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-}" \
+  >> "$STUB_LOGS/srun_args"
 while [[ $1 == --* ]]; do shift; done
 pids=()
 for ((node = 0; node < SLURM_NNODES; node++)); do
@@ -275,7 +275,7 @@ def test_slurm_sigterm_reaches_the_trainers_then_the_requeued_job_resumes(tmp_pa
     stubs, logs = slurm_stubs(tmp_path / "bin"), tmp_path / "logs"
     logs.mkdir()
     job = {**cluster_env(tmp_path), "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.1", "SLURM_NNODES": "2",
-           "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "palgan", "STUB_LOGS": str(logs),
+           "SLURM_GPUS_ON_NODE": "1", "SLURM_CPUS_PER_TASK": "3", "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "palgan", "STUB_LOGS": str(logs),
            "MAIN_PORT": str(free_port()), "DIST_TIMEOUT": "120", "OUT_DIR": str(tmp_path / "runs")}
     job["PATH"] = f"{stubs}:{job['PATH']}"
     args = ["bash", str(SBATCH), "trainers/lstm.py", "--hidden-dim", "16", "--val-size", "300", "--batch-size", "16",
@@ -292,6 +292,9 @@ def test_slurm_sigterm_reaches_the_trainers_then_the_requeued_job_resumes(tmp_pa
     assert "SIGTERM: asking the trainers to checkpoint, then requeueing job 7" in out
     calls = (logs / "calls").read_text().splitlines()
     assert calls == ["srun: forwarding SIGTERM", "scontrol requeue 7"], calls
+    srun = (logs / "srun_args").read_text().split()   # each task its cores; time for the checkpoint on SIGTERM
+    assert "--cpus-per-task=3" in srun and "SRUN_CPUS_PER_TASK=3" in srun, srun
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=100" in srun, srun
     for node in (0, 1):
         assert "[rank" not in (logs / f"node{node}.err").read_text(), (logs / f"node{node}.err").read_text()[-3000:]
     assert "stop requested" in (logs / "node0.out").read_text()
@@ -316,3 +319,17 @@ def test_slurm_sigterm_reaches_the_trainers_then_the_requeued_job_resumes(tmp_pa
     assert len(list(run.glob("wandb/offline-run-*"))) == 2        # one per start of the job, rank 0's
     assert (logs / "node0.out").read_text().count("val/acc") == 1
     print(f"SLURM job on two stub nodes, the requeued start to step 300: {wall:.1f}s")
+
+
+def test_a_trial_given_no_gpu_sees_none_and_one_given_gpus_keeps_rays_choice():
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for a 0-GPU worker; the trial then hides every GPU,
+    so its trainer's Accelerator picks the CPU (trainers/runtime.make_accelerator: cpu=not cuda)."""
+    from tune.cluster import hide_unassigned_gpus
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    hide_unassigned_gpus([], env)
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    env = {"CUDA_VISIBLE_DEVICES": "2"}           # a --gpus-per-trial 0.25 trial: Ray set its GPU
+    hide_unassigned_gpus(["2"], env)
+    assert env == {"CUDA_VISIBLE_DEVICES": "2"}
+    probe = "import os, torch; os.environ['CUDA_VISIBLE_DEVICES'] = ''; print(torch.cuda.is_available())"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

@@ -127,12 +127,55 @@ def test_epoch_shards_are_disjoint_reproducible_and_cover_the_epoch():
 def test_trainer_loop_matches_a_plain_pytorch_loop(tmp_path, precision, steps, tol):
     cfg = tiny(tmp_path, run_name="ref", max_steps=steps, ema_decay=0.0, stages="0", mixed_precision=precision)
     train(cfg)
-    G, D, _ = plain_train(cfg, load_train_images(cfg), steps)
+    G, D, _ = plain_train(cfg, load_train_images(cfg), steps, fused_adam=True)
     ckpt = tmp_path / "ref" / "checkpoints" / f"step_{steps:08d}"
     for model, file in ((G, "model.safetensors"), (D, "model_1.safetensors")):
         saved = load_file(ckpt / file)
         for k, v in model.state_dict().items():
             assert torch.allclose(saved[k], v, rtol=10 * tol, atol=tol), (file, k, (saved[k] - v).abs().max())
+
+
+def test_the_g_step_computes_no_gradient_for_d(tmp_path, monkeypatch):
+    """D's weight gradients are computed once per iteration, in the D step: the G step runs with D
+    frozen (its weight gradients would be thrown away by the next D step, and all-reduced under DDP
+    first). The plain loop of pytorch/examples computes them twice, which the same hooks see."""
+    import trainers.gan as gan
+    counts = {"trainer": 0, "plain": 0}
+    build = gan.build_models
+
+    def counted(who):
+        def build_models(cfg):
+            G, D = build(cfg)
+            for p in D.parameters():
+                p.register_hook(lambda grad: counts.__setitem__(who, counts[who] + 1))
+            return G, D
+        return build_models
+    steps, n = 5, len(list(Discriminator(base_channels=4).parameters()))
+    monkeypatch.setattr(gan, "build_models", counted("trainer"))
+    cfg = tiny(tmp_path, run_name="frozen", max_steps=steps, ema_decay=0.0, stages="0")
+    train(cfg)
+    import benchmarks.gan_speed as gan_speed
+    monkeypatch.setattr(gan_speed, "build_models", counted("plain"))
+    plain_train(cfg, load_train_images(cfg), steps)
+    assert counts == {"trainer": steps * n, "plain": 2 * steps * n}, counts
+
+
+def test_the_ema_follows_its_warm_up_formula():
+    from trainers.gan import ema_of, ema_step
+    torch.manual_seed(0)
+    G = Generator(base_channels=4)
+    ema, decay = ema_of(G), 0.75
+    reference = [p.detach().double().clone() for p in G.parameters()]
+    for t in range(1, 31):                       # decay_t: 2/11, 3/12, ..., capped at 0.75 from t=26
+        with torch.no_grad():
+            for p in G.parameters():
+                p.add_(torch.randn_like(p))
+        ema_step(ema, G, decay, t)
+        d = min(decay, (1 + t) / (10 + t))
+        reference = [r + (1 - d) * (p.detach().double() - r) for r, p in zip(reference, G.parameters())]
+    for r, a in zip(reference, ema.module.parameters()):
+        assert torch.allclose(a.double(), r, atol=1e-5), (a.double() - r).abs().max()
+    assert not torch.equal(next(ema.module.parameters()), next(G.parameters()))
 
 
 def test_tiny_run_writes_every_file_and_the_offline_wandb_run(tmp_path):
@@ -223,19 +266,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert mb["steps"] == ma["steps"] == 64 and mb["last_epoch/loss_d"] == ma["last_epoch/loss_d"]
 
 
-def test_resume_under_another_number_of_processes_is_one_line_and_exit_2(tmp_path):
-    """Iterations per epoch and each rank's shard depend on the number of processes: a checkpoint
-    from 2 processes resumed by 1 is refused before anything loads or trains."""
+def test_resume_under_another_number_of_processes_keeps_the_global_batch_or_is_one_line(tmp_path):
+    """A checkpoint from 2 processes x batch 32 resumed by 1 process: an explicit --batch-size that
+    changes the global batch is refused before anything loads or trains (one line, exit 2, the folder as
+    it was); with the same flags the run continues at batch 64, the same 8 iterations per epoch, says so
+    at start-up and records both process counts."""
     train(tiny(tmp_path, run_name="two", max_steps=8, stages="0"))
     meta_path = tmp_path / "two" / "checkpoints" / "step_00000008" / "palgan.json"
     meta = json.loads(meta_path.read_text())
     assert meta["processes"] == 1
     meta_path.write_text(json.dumps({**meta, "processes": 2}))      # as `accelerate launch` with 2 writes it
     before = {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
-    proc = run_script(["trainers/gan.py", *TINY_FLAGS, "--no-wandb", "--out-dir", tmp_path, "--run-name", "two",
-                       "--max-steps", "16", "--resume"])
-    assert_usage_error(proc, "step_00000008", "written by 2 process(es), not 1", "--num_processes 2")
+    args = ["trainers/gan.py", *TINY_FLAGS, "--no-wandb", "--out-dir", tmp_path, "--run-name", "two", "--resume"]
+    proc = run_script([*args, "--max-steps", "16", "--batch-size", "48"])
+    assert_usage_error(proc, "step_00000008", "--batch-size 48 on 1 process(es) is a global batch of 48, not the 64")
     assert {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()} == before
+    done = run_script([*args, "--max-steps", "16"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "two: continuing on 1 process(es) instead of 2: --batch-size 64 per process keeps the global batch " \
+           "of 64" in done.stdout, done.stdout[-2000:]
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (m["processes"], m["resumed_from_processes"], m["config"]["batch_size"], m["steps"]) == (1, 2, 64, 16)
+    assert m["iterations_per_epoch"] == 8
 
 
 # --- presets -------------------------------------------------------------------------------------

@@ -509,3 +509,13 @@ def test_bad_images_file(tmp_path, capsys, content):
     err = usage_error(capsys, ["evaluate", "--images", str(path)])
     assert str(path) in err
     assert not (tmp_path / "images_eval").exists()   # nothing written for bad input
+
+
+def test_the_scorer_cache_has_one_key_per_device(monkeypatch):
+    """"cuda" (what stage metrics pass) and "cuda:0" (the final evaluation's accelerator.device) are
+    one GPU: one Scorer, so the test set's features are computed once."""
+    from trainers.gan_metrics import device_key
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert device_key("cuda") == device_key("cuda:0") == device_key(torch.device("cuda", 0)) == "cuda:0"
+    assert device_key("cuda:1") == "cuda:1"
+    assert device_key("cpu") == device_key("cpu:0") == "cpu"

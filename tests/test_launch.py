@@ -108,3 +108,30 @@ def test_shell_script_parses(path):
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert path.read_text().startswith("#!/usr/bin/env bash")
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_stops_at_once_with_one_line_without_a_gpu_or_its_packages(tmp_path):
+    """On a machine without CUDA it names the missing GPU; with a Python that lacks its packages it
+    names them; either way one line, exit 2, nothing written."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.sh runs in full here")
+    results = ROOT / "benchmarks" / "results" / "gpu"
+    before = sorted(results.rglob("*")) if results.exists() else []
+    proc = subprocess.run(["bash", str(GPU_CHECK)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHON=sys.executable))
+    assert proc.returncode == 2 and proc.stdout == "", (proc.returncode, proc.stdout[-2000:])
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU is visible to torch; run it on a GPU machine"], proc.stderr
+    bare = tmp_path / "python"        # the interpreter without its site-packages: no torch, no tyro, ...
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    proc = subprocess.run(["bash", str(GPU_CHECK)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHON=str(bare)))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert lines[0].startswith("gpu_check: missing Python packages: torch torchvision accelerate"), lines[0]
+    assert (sorted(results.rglob("*")) if results.exists() else []) == before

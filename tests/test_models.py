@@ -31,7 +31,9 @@ if DEVICE.type == "cuda":  # oracle comparisons need true fp32 matmuls, not TF32
 
 
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# On CUDA, cuDNN's fp32 kernels sum in another order than the loops: the parity tests measured up to
+# 1.7e-5 on an NVIDIA H200 (benchmarks/results/gpu/nvidia-h200/gpu_check.txt), so fp32 gets 5e-5 there.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5 if DEVICE.type == "cpu" else 5e-5}
 # The LSTM's paths: the fused layer with its C++ step kernels (CPU, float32/64), the fused layer
 # with its pointwise work in TorchScript ops (GPU, bf16/fp16, or no compiler), the eager loop.
 LSTM_PATHS = ("script", "script-ts", "eager")
@@ -45,6 +47,9 @@ def path_args(path: str) -> dict:
 
 
 LENGTHS = (1, 2, 7, 23, 50)
+# The backends the broad parametrised checks run; "compile" (slow to compile on a small CPU) is
+# checked against "script" by the compile tests below, at two batch sizes and lengths.
+LOOPS = tuple(b for b in BACKENDS if b != "compile")
 TORCH_ORDER = ("i", "f", "g", "o")   # nn.LSTM stacks its gates as i, f, g, o
 
 
@@ -432,7 +437,7 @@ def torch_rnn_from(w: dict, D: int, H: int, K: int, dtype) -> tuple[nn.RNN, nn.L
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("L", LENGTHS)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOOPS)
 def test_rnn_logits_and_every_gradient_match_nn_rnn(backend, L, dtype):
     B, D, H, K = random_sizes(200 + L)
     torch.manual_seed(L)
@@ -461,7 +466,7 @@ def test_rnn_logits_and_every_gradient_match_nn_rnn(backend, L, dtype):
 
 
 @pytest.mark.parametrize("L", (1, 9, 50))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOOPS)
 def test_rnn_return_states_follow_the_recurrence(backend, L):
     B, D, H, K = random_sizes(300 + L)
     model = RNN(D, H, K, backend=backend).to(DEVICE, torch.float64)
@@ -478,7 +483,7 @@ def test_rnn_return_states_follow_the_recurrence(backend, L):
     assert_close(p, h @ w["W_ph"] + w["b_p"], 1e-10, "logits")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOOPS)
 def test_rnn_gradcheck_float64(backend):
     model = RNN(3, 4, 2, backend=backend).to(DEVICE, torch.float64)
     randomise(model, seed=5)
@@ -492,7 +497,7 @@ def test_rnn_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(logits, (x, *params), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LOOPS)
 def test_rnn_gate_weights_round_trip(backend):
     a, b = RNN(3, 5, 4, backend=backend).to(DEVICE), RNN(3, 5, 4, backend=backend).to(DEVICE)
     randomise(a, seed=9)
@@ -500,3 +505,48 @@ def test_rnn_gate_weights_round_trip(backend):
     x = torch.randn(2, 7, 3, device=DEVICE)
     assert torch.equal(a(x), b(x))
     assert set(a.gate_weights()) == {"W_hx", "W_hh", "b_h", "W_ph", "b_p"}
+
+
+# --- the compile backend ----------------------------------------------------------------------
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("cls", (LSTM, RNN))
+def test_compile_backend_matches_script_in_float32_and_compiles_once_for_every_length(cls):
+    """torch.compile of the step: logits, every gradient (weights and input) and the returned states
+    within 1e-5 of the script backend in float32; a second batch size and length compile nothing new."""
+    torch.manual_seed(7)
+    D, H, K = 4, 6, 3
+    script_model = cls(D, H, K, backend="script").to(DEVICE)
+    randomise(script_model, seed=7)
+    compiled_model = cls(D, H, K, backend="compile").to(DEVICE)
+    compiled_model.load_state_dict(script_model.state_dict())
+    graphs = None
+    for B, L in ((5, 4), (3, 9)):
+        x = torch.randn(B, L, D, device=DEVICE)
+        dp = torch.randn(B, K, device=DEVICE)
+        out = {}
+        for name, model in (("script", script_model), ("compile", compiled_model)):
+            model.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_()
+            p = model(xg)
+            (p * dp).sum().backward()
+            with torch.no_grad():
+                _, states = model(x, return_states=True)
+            out[name] = (p, xg.grad, grads_by_name(model), states)
+        (p, dx, grads, states), (p_ref, dx_ref, grads_ref, states_ref) = out["compile"], out["script"]
+        assert_close(p, p_ref, 1e-5, f"logits B={B} L={L}")
+        assert_close(dx, dx_ref, 1e-5, f"dL/dx B={B} L={L}")
+        for k in grads_ref:
+            assert_close(grads[k], grads_ref[k], 1e-5, f"dL/d{k} B={B} L={L}")
+        for k in states_ref:
+            assert_close(states[k], states_ref[k], 1e-5, f"{k} B={B} L={L}")
+        if graphs is None:
+            graphs = compiled_graphs()
+            assert graphs > 0
+        else:
+            assert compiled_graphs() == graphs, "a new batch size or length recompiled the step"

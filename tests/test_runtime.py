@@ -107,6 +107,14 @@ accelerator.end_training()   # as the trainers end: the process group goes befor
 '''
 
 
+def test_nccl_jobs_wait_blocking_so_a_lost_rank_surfaces_in_python():
+    from trainers.runtime import nccl_error_settings
+    assert nccl_error_settings(cuda=True, world=2, environ={}) == {"TORCH_NCCL_BLOCKING_WAIT": "1"}
+    assert nccl_error_settings(cuda=True, world=2, environ={"TORCH_NCCL_BLOCKING_WAIT": "0"}) == {}   # the user's
+    assert nccl_error_settings(cuda=True, world=1, environ={}) == {}     # one process: no process group
+    assert nccl_error_settings(cuda=False, world=2, environ={}) == {}    # gloo on CPUs raises in Python already
+
+
 def test_three_processes_share_evaluations_like_one_and_stop_after_the_same_step(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))

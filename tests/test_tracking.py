@@ -225,3 +225,84 @@ def test_lstm_run_logs_gate_means_as_a_line_plot_of_the_saved_weights(tmp_path):
         expected = states[key][0].mean(1)                   # (T-1,): mean over units per step
         assert [t for t, _ in lines[label]] == list(range(cfg.data.seq_length - 1))
         assert [v for _, v in lines[label]] == pytest.approx(expected.tolist(), abs=1e-6), label
+
+
+# --- one run across restarts -----------------------------------------------------------------------
+
+def test_a_resumed_segment_continues_the_kept_run_online_and_is_a_new_run_of_the_same_group_offline():
+    from trainers.tracking import resume_init_kwargs
+    assert resume_init_kwargs("online", "r", None, 0, None) == {"group": "r"}          # a new run
+    assert resume_init_kwargs("online", "r", "sweep", 0, "abc") == {"group": "sweep"}  # not resumed: no id reused
+    assert resume_init_kwargs("online", "r", None, 80, "abc") == {"group": "r", "id": "abc", "resume": "allow"}
+    assert resume_init_kwargs("offline", "r", "sweep", 80, "abc") == {"group": "sweep"}   # wandb cannot resume offline
+    assert resume_init_kwargs("online", "r", None, 80, None) == {"group": "r"}          # no id kept: a new run
+
+
+def test_the_kept_run_id_reads_back_or_is_none_for_a_missing_or_corrupt_file(tmp_path):
+    from trainers.files import write_json_atomic
+    from trainers.tracking import RUN_ID_FILE, read_run_id
+    assert read_run_id(tmp_path) is None
+    (tmp_path / RUN_ID_FILE).write_text("{not json")
+    assert read_run_id(tmp_path) is None
+    write_json_atomic(tmp_path / RUN_ID_FILE, {"id": "k3pt1d"})
+    assert read_run_id(tmp_path) == "k3pt1d"
+
+
+def test_sigkill_then_resume_offline_gives_two_segments_of_one_name_and_group_with_no_step_logged_again(tmp_path):
+    """An LSTM run (default configuration, tiny sizes) is killed after a checkpoint and resumed. Read
+    back from the offline files: the first segment is the run whose id the run folder keeps; the
+    second has the same name and group, is tagged ``resumed``, records the checkpoint's step, and
+    logs only steps after it, each once, on the trainer's schedule."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, clean_env, signal_when
+
+    from trainers.tracking import RUN_ID_FILE, read_run_id
+
+    args = ["trainers/lstm.py", "--hidden-dim", "16", "--val-size", "200", "--batch-size", "32", "--no-progress",
+            "--eval-every", "20", "--log-every", "10", "--checkpoint-every", "20", "--out-dir", tmp_path,
+            "--run-name", "cut"]
+    run = tmp_path / "cut"
+    child = subprocess.Popen([sys.executable, *map(str, args), "--steps", "100000"], cwd=ROOT, env=clean_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    signal_when(child, (run / "checkpoints" / "step_00000040").exists, signal.SIGKILL, "checkpoint step_00000040")
+    child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    kept = read_run_id(run)
+    assert kept and json.loads((run / RUN_ID_FILE).read_text())["group"] == "cut"
+    last = max((run / "checkpoints").glob("step_*"))
+    held = int(last.name[len("step_"):])
+    held_steps = [row["step"] for row in json.loads((last / "palgan.json").read_text())["extra"]["history"]
+                  if "train/loss" in row]   # the curve the checkpoint holds, read before the resume
+    end = held + 30
+    resumed = run_script([*args, "--resume", "--steps", str(end)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_run_id(run) == kept   # the run folder still names the run the segments belong to
+
+    (first,) = run.glob(f"wandb/offline-run-*-{kept}/run-{kept}.wandb")
+    (second,) = [f for f in run.glob("wandb/offline-run-*/run-*.wandb") if f != first]
+    one, two = read_offline_run(first), finished_run(second)   # the first: what wandb wrote before the kill
+    assert one["run"]["name"] == two["run"]["name"] == "cut"
+    assert one["run"]["group"] == two["run"]["group"] == "cut"
+    assert one["run"]["tags"] == ["lstm", "T5", "onehot", "fp32"]
+    assert two["run"]["tags"] == ["lstm", "T5", "onehot", "fp32", "resumed"]
+    assert "resumed_from_step" not in one["config"] and two["config"]["resumed_from_step"] == held
+    assert two["exit_code"] == 0
+
+    def steps(history, key):
+        return [r["_step"] for r in history if key in r]
+
+    # the second segment logs every step after the checkpoint, once, and none at or before it: with
+    # the checkpoint's curve it is the run's whole curve, each step once
+    assert held_steps == list(range(10, held + 1, 10))
+    assert steps(two["history"], "train/loss") == list(range(held + 10, end, 10)) + [end]
+    assert steps(two["history"], "val/acc") == list(range(held + 20, end, 20)) + [end]
+    assert min(r["_step"] for r in two["history"]) > held
+    assert set(steps(one["history"], "train/loss")) <= set(range(10, 100000, 10))   # what was flushed, if any
+
+    leet = leet_summary(second.parent)
+    if leet is not None:   # wandb's own reading agrees
+        assert leet["state"] == "finished" and "resumed" in leet["tags"]
+        assert leet["config"]["resumed_from_step"] == held

@@ -8,6 +8,7 @@
     python trainers/gan.py sample --checkpoint runs/<run> --n 64 --out grid.png   # or --out images.pt
     python trainers/gan.py evaluate --checkpoint runs/<run>    # FID, classifier score, class histogram
     python trainers/gan.py interpolate --checkpoint runs/<run> --mode both --out runs/<run>/interp
+    python trainers/gan.py export --checkpoint runs/<run>      # runs/<run>/model: safetensors, ONNX, .pt2, card
 
 Writes <out-dir>/<run-name>/{samples/epoch_XXX.png, samples/final.png, figures/{stages,three_panel,
 losses}.png, metrics.json, checkpoints/step_*/}. --batch-size is per process: with N processes the
@@ -31,7 +32,8 @@ from tqdm.auto import tqdm
 from data.mnist import load_mnist, to_unit_range
 from models.dcgan import ALL_REDUCE_STATS, LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
 from trainers import debug
-from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from trainers.checkpoint import (elastic_batch, full_disk_is_one_line, load_checkpoint, read_meta, restart_note,
+                                 resume_point, save_checkpoint)
 from trainers.cli import (Log, Run, UsageError, build, check_choices, flag_value, flatten, from_saved, override, parse,
                           read_config_file, require_at_least, require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
@@ -45,7 +47,7 @@ from trainers.tracking import start_tracker
 
 PRESETS = {"paper": "the report's configuration", "cpu-demo": "minutes on a CPU"}   # trainers/configs/<name>.yaml
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate")
+SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate", "export")
 GRID_SIDE = 8            # fixed-noise grids are 8 x 8
 DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of (seed, key, ...)
 NOISE_STREAM = 1_002
@@ -53,7 +55,7 @@ FIXED_STREAM = 1_003
 STOP_CHECK_EVERY = 10    # iterations between checks of a SIGTERM/SIGINT (an all-reduce and a host sync)
 SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images_per_s", "eval_time_s",
                 "skipped_steps_d", "skipped_steps_g")   # metrics.json numbers the run's summary repeats
-RESUME_MUST_MATCH = ("base_channels", "latent_dim", "batch_size", "train_subset", "seed", "ema_decay")
+RESUME_MUST_MATCH = ("base_channels", "latent_dim", "train_subset", "seed", "ema_decay")   # the global batch too
 
 
 # --- config: the defaults are the report's configuration (the paper preset) ---------------------
@@ -70,6 +72,7 @@ class Model:
     """model"""
     base_channels: int = 128  # width b of G and D (the report's 128)
     latent_dim: int = LATENT_DIM  # size of z
+    batchnorm: Literal["global", "local"] = "global"  # with several processes, BatchNorm statistics over the global batch, or each rank's own (docs/scaling.md)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class Eval:
 
 @dataclass
 class GANConfig:
-    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate (train is the default)."""
+    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate, export (train is the default)."""
     preset: Literal["auto", "paper", "cpu-demo"] = "auto"  # paper, cpu-demo, or auto: paper on CUDA, cpu-demo otherwise
     config: str = ""  # a YAML or JSON file of flag values (as trainers/configs/*.yaml), read after the preset
     data: Data = field(default_factory=Data)
@@ -217,16 +220,21 @@ def build_models(cfg: GANConfig) -> tuple[Generator, Discriminator]:
     return Generator(cfg.model.latent_dim, cfg.model.base_channels), Discriminator(cfg.model.base_channels)
 
 
-def ema_of(generator: torch.nn.Module, decay: float) -> AveragedModel:
-    """An EMA of G's weights with warm-up, decay_t = min(decay, (1+t)/(10+t)) at its t-th update.
-    Its BatchNorm statistics are re-estimated before it samples (averaged weights do not match the
+def ema_of(generator: torch.nn.Module) -> AveragedModel:
+    """A copy of G to average its weights into (``ema_step``), checkpointed with the run. Its
+    BatchNorm statistics are re-estimated before it samples (averaged weights do not match the
     live generator's running statistics)."""
-    def ema_update(averaged, current, t):   # t: a tensor on G's device; no host sync per parameter
-        weight = 1 - torch.clamp((1 + t) / (10 + t), max=decay)
-        return torch.lerp(averaged, current.to(averaged.dtype), weight.to(averaged.dtype))
-    ema = AveragedModel(generator, avg_fn=ema_update)
-    ema.update_parameters(generator)   # the first update copies G: t counts the averaging updates from 1
-    return ema.eval().requires_grad_(False)
+    return AveragedModel(generator).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_step(ema: AveragedModel, generator: torch.nn.Module, decay: float, t: int) -> None:
+    """The t-th update (t = 1, 2, ...: the iteration) of the EMA, with warm-up:
+    ema <- ema + (1 - decay_t) (G - ema), decay_t = min(decay, (1+t)/(10+t)).
+    t comes from the loop, not from a device counter, so the step needs no host sync."""
+    weight = 1 - min(decay, (1 + t) / (10 + t))
+    for averaged, current in zip(ema.module.parameters(), generator.parameters()):
+        averaged.lerp_(current.to(averaged.dtype), weight)
 
 
 def load_generator(checkpoint_path: str | Path) -> tuple[Generator, GANConfig]:
@@ -260,16 +268,30 @@ def train(cfg: GANConfig) -> dict:
     out (a dead or stuck rank) ends the job with a one-line JobFailure; checkpoints are kept."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
-        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
-        saved = read_meta(resume_from).get("config", {}) if resume_from is not None else {}
+        resume_from = resume_point(cfg.run_dir / "checkpoints", cfg.run.resume)
+        meta = read_meta(resume_from) if resume_from is not None else {}
+        saved, world = meta.get("config", {}), launched_processes()
         for name in RESUME_MUST_MATCH:
             if name in saved and saved[name] != flatten(cfg)[name]:
                 raise UsageError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} "
                                  f"{saved[name]}, not {flatten(cfg)[name]}; pass the same value")
+        note = None
+        if resume_from is not None:   # on another number of processes: the same global batch
+            batch, note = elastic_batch(resume_from, meta, cfg.optim.batch_size, world)
+            cfg = override(cfg, batch_size=batch)
         images = load_train_images(cfg)
+        if note:   # the same global batch gives the same epoch length, or the step no longer names the epoch
+            before = iterations_per_epoch(len(images), saved["batch_size"], int(meta.get("processes") or 1))
+            if iterations_per_epoch(len(images), batch, world) != before:
+                raise UsageError(f"--resume: on {world} processes an epoch of {len(images)} images has "
+                                 f"{iterations_per_epoch(len(images), batch, world)} iterations, not the "
+                                 f"checkpoint's {before}; resume on {meta.get('processes') or 1} processes")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{cfg.name}: {note}{restart_note()}", flush=True)
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
-        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+        with full_disk_is_one_line(cfg.run_dir / "checkpoints"), \
+                collective_failures(world, cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
             return _train(cfg, images, resume_from)
 
 
@@ -290,13 +312,16 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     total = o.epochs * iters if not o.max_steps else min(o.max_steps, o.epochs * iters)
 
     G, D = build_models(cfg)
-    ema = ema_of(G, o.ema_decay) if o.ema_decay > 0 else None
-    if world > 1:  # batch statistics over the global batch, identical buffers on every rank
+    ema = ema_of(G) if o.ema_decay > 0 else None
+    global_bn = world > 1 and cfg.model.batchnorm == "global"
+    if global_bn:  # batch statistics over the global batch, identical buffers on every rank
         G, D = synchronise_batchnorm(G, device.type), synchronise_batchnorm(D, device.type)
     if o.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
+    # fused: one kernel for all of a model's parameters; on a CPU 3-13x faster than Adam's default
+    # per-parameter loop (benchmarks/gan_speed.py --variants all), the same update to rounding.
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
     # Under mixed precision `prepare` wraps each module's forward in autocast plus a cast of its
     # outputs to fp32; one `accelerator.autocast()` per step instead (as a plain loop) saves ~2%.
@@ -308,28 +333,39 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     G_plain, D_plain = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
     images = images.to(device)   # MNIST (188 MB as fp32) fits on any GPU: no host copy per batch
 
-    start, clock = 0, Clock()
+    start, clock, resumed = 0, Clock(), {}
     if resume_from is not None:
         meta = load_checkpoint(accelerator, resume_from)
+        resumed = {"resumed_from_processes": meta.get("processes", 1),   # for debug.json: the weights as loaded
+                   "loaded": debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values())
+                   if debug.enabled() else 0}
         start, extra = meta["step"], meta["extra"]
         clock = Clock(history=extra["history"], wall_before=extra["wall_time"], **extra["record"])
         for opt in (opt_g, opt_d):   # the flags of this job win over the optimiser state's copy
             for group in opt.param_groups:
                 group["lr"], group["betas"] = o.lr, (o.beta1, o.beta2)
-        accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
+        accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name}){restart_note()}")
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
-                            job_type=cfg.log.wandb_job_type, tags=[cfg.preset, f"b{cfg.model.base_channels}"])
+                            job_type=cfg.log.wandb_job_type, tags=[cfg.preset, f"b{cfg.model.base_channels}"],
+                            resumed_from=start)   # one wandb run across restarts (its id kept in the run folder)
     stop, z_fixed, stages = StopFlag(), fixed_noise(cfg), cfg.stage_list()
 
     def sampler() -> torch.nn.Module:
         """The generator whose samples we show: the EMA one (BatchNorm re-estimated) or G."""
         return calibrate_batchnorm(ema.module, cfg.run.seed, *BN_CALIBRATION) if ema is not None else G_plain.eval()
 
+    def equal_buffers() -> None:
+        """--batchnorm local: each rank's running statistics follow its own batches; before G and D
+        sample or are saved, every rank takes their mean over the ranks (a collective)."""
+        if world > 1 and not global_bn:
+            average_running_stats(accelerator, G_plain, D_plain)
+
     def stage(epoch: int, step: int) -> None:
         """Grid and metrics of one stage. Every rank scores its share of the samples (collectives,
         same order on every rank); rank 0 alone writes the grid and logs."""
         tick = time.perf_counter()
+        equal_buffers()
         gen = sampler()   # equal weights on every rank, so equal samples
         numbers = stage_metrics(gen, device, shards, cfg.eval.stage_samples) if cfg.eval.eval_metrics else {}
         if accelerator.is_main_process:
@@ -345,6 +381,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
 
     def checkpoint(at: int) -> Path:
         tick = time.perf_counter()
+        equal_buffers()
         record = {"stages": clock.stages, "skipped_d": clock.skipped_d, "skipped_g": clock.skipped_g}
         path = save_checkpoint(accelerator, ckpt_dir, at, config, cfg.run.keep_checkpoints,
                                extra={"history": clock.history, "wall_time": clock.wall(), "record": record})
@@ -366,8 +403,11 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         epoch, it = (step - 1) // iters + 1, (step - 1) % iters
         if batches_epoch != epoch:
             batches, batches_epoch = epoch_batches(cfg, len(images), rank, world, epoch).to(device), epoch
+            # the z of the epoch's remaining steps in one host-to-device copy, not one per step
+            zs_from, upto = step, min(epoch * iters, total)
+            zs = torch.stack([step_noise(cfg, rank, world, s) for s in range(zs_from, upto + 1)]).to(device)
         real = images[batches[it]]                                 # (B, 1, 28, 28)
-        z = step_noise(cfg, rank, world, step).to(device)           # (B, latent)
+        z = zs[step - zs_from]                                     # (B, latent)
         if o.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
 
@@ -392,7 +432,7 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         opt_g.step()
         D_plain.requires_grad_(True)
         if ema is not None:
-            ema.update_parameters(G_plain)
+            ema_step(ema, G_plain, o.ema_decay, step)
         clock.skipped_d += int(opt_d.step_was_skipped)
         clock.skipped_g += int(opt_g.step_was_skipped)
         pending.append(torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(logit_real).mean().detach(),
@@ -423,9 +463,11 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
     # --- evaluate and save: final metrics and walks (every rank its share), grids and figures -------
     finished, history, wall_time = step == total, clock.history, clock.wall()
     tick = time.perf_counter()
+    equal_buffers()
     gen = sampler()
     metrics = {"steps": step, "epochs_done": step / iters, "iterations_per_epoch": iters, "finished": finished,
-               "processes": world, "preset": cfg.preset, "stages": clock.stages, "config": config,
+               "processes": world, **({"resumed_from_processes": resumed["resumed_from_processes"]} if resumed else {}),
+               "preset": cfg.preset, "stages": clock.stages, "config": config,
                "train_images_per_s": round((step - start) * o.batch_size * world / max(train_time, 1e-9), 1),
                "skipped_steps_d": clock.skipped_d, "skipped_steps_g": clock.skipped_g}
     tail = max(1, min(iters, len(history["loss_d"])))   # the last epoch's means
@@ -444,13 +486,26 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
                  weights=debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values()),
                  first_batch=debug.fingerprint(epoch_batches(cfg, len(images), rank, world, 1)[0]),
                  bn_allreduce_calls=ALL_REDUCE_STATS["calls"], bn_allreduce_ms=int(1000 * ALL_REDUCE_STATS["seconds"]),
-                 train_ms=int(1000 * train_time))
+                 train_ms=int(1000 * train_time), loaded_weights=resumed.get("loaded", 0))
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
+    if finished:   # the exported generator as a wandb model artifact (rank 0 with wandb; else nothing)
+        from trainers.gan_export import artifact_metadata, export_generator
+        tracker.log_model(lambda folder: export_generator(gen, config, metrics, step, folder),
+                          metadata=artifact_metadata(metrics))
     tracker.summary({k: metrics[k] for k in SUMMARY_KEYS})   # end-of-run numbers (final/* come from the evaluation)
     accelerator.wait_for_everyone()
     tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
     return metrics
+
+
+def average_running_stats(accelerator, *models: torch.nn.Module) -> None:
+    """Replace every BatchNorm running mean and variance of ``models`` by its mean over the ranks,
+    in place: one all-reduce, every rank calls it at the same point."""
+    buffers = [b for m in models for name, b in m.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    mean = accelerator.reduce(torch.cat([b.flatten() for b in buffers]), reduction="mean")
+    for b, value in zip(buffers, mean.split([b.numel() for b in buffers])):
+        b.copy_(value.view_as(b))
 
 
 def flush_stats(pending: list, history: dict, step: int) -> None:
@@ -479,6 +534,9 @@ def main(argv: Sequence[str] | None = None):
     if command == "interpolate":
         from trainers.gan_interpolate import interpolate_main
         return interpolate_main(argv)
+    if command == "export":
+        from trainers.gan_export import export_main
+        return export_main(argv)
     cfg = parse_train_args(argv)
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -7,6 +7,7 @@
     python trainers/lstm.py --config my_run.yaml --lr 2e-3   # flags from a file, then the command line
     python trainers/lstm.py --seq-length 1000 --hidden-dim 64 --lr 1.5e-3 --forget-bias 5 --curriculum \
         --steps 8000 --eval-every 250 --solved-acc 0.99 --stop-when-solved 1 --num-threads 1   # T=1000
+    python trainers/lstm.py export --checkpoint runs/<run>   # runs/<run>/model: safetensors, ONNX, .pt2, card
 
 Writes <out-dir>/<run-name>/{metrics.json, figures/{curves,gates,memory}.png, checkpoints/}:
 metrics.json holds the last and the best validation (accuracy and step) and why the run ended;
@@ -17,8 +18,11 @@ checkpoints/best/ the checkpoint of the best validation, beside the latest ones.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +36,13 @@ from tqdm.auto import tqdm
 from models.lstm import LSTM
 from models.rnn import RNN
 from trainers import debug
-from trainers.checkpoint import PREFIX, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from trainers.cli import (Log, Run, UsageError, check_choices, flatten, parse, require_at_least,
+from trainers.checkpoint import (BEST, PREFIX, elastic_batch, full_disk_is_one_line,
+                                 list_checkpoints, load_checkpoint, read_meta, restart_note, resume_point,
+                                 save_checkpoint)
+from trainers.cli import (Log, Run, UsageError, check_choices, flatten, override, parse, require_at_least,
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
+from trainers.lstm_export import export_checkpoint, export_main
 from trainers.lstm_plots import plot_curves, plot_gates, plot_memory, state_means
 from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
@@ -43,7 +50,6 @@ from trainers.tracking import start_tracker
 
 NUM_CLASSES = 10      # digits 0-9
 VAL_STREAM = 7_777    # seed key of the validation set, apart from every training stream
-BEST = "best"         # <run>/checkpoints/best/step_*: the checkpoint of the best validation so far
 # what the run's tracker summary and metrics.json report about how the run ended
 SUMMARY_KEYS = ("stop_reason", "best_val_acc", "best_step", "last_val_acc", "last_step", "steps_to_solve")
 
@@ -67,7 +73,7 @@ class Model:
     """model"""
     model: Literal["lstm", "rnn"] = "lstm"  # lstm (equations 1-8) or the vanilla rnn baseline
     hidden_dim: int = 128  # hidden units H
-    backend: Literal["script", "eager"] = "script"  # time loop: script (TorchScript) or eager (plain Python)
+    backend: Literal["script", "eager", "compile"] = "script"  # time loop: script (TorchScript), eager or compile
     forget_bias: float = 1.0  # initial forget-gate bias b_f (the report's init is 0)
     rnn_init: Literal["default", "orthogonal", "identity"] = "default"  # the RNN's W_hh: N(0, 1/H), orthogonal, or I (Le et al. 2015)
 
@@ -255,10 +261,16 @@ def train(cfg: LSTMConfig, on_eval: Callable[[int, dict, Path | None], str | Non
     failed, or that string). The best validation's checkpoint is kept in checkpoints/best/."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
-        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
+        resume_from = resume_point(cfg.run_dir / "checkpoints", cfg.run.resume)
+        if resume_from is not None:   # on another number of processes: the same global batch
+            batch, note = elastic_batch(resume_from, read_meta(resume_from), cfg.optim.batch_size, launched_processes())
+            cfg = override(cfg, batch_size=batch)
+            if note and int(os.environ.get("RANK", "0")) == 0:
+                print(f"{cfg.name}: {note}{restart_note()}", flush=True)
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
-        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+        with full_disk_is_one_line(cfg.run_dir / "checkpoints"), \
+                collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
             return _train(cfg, resume_from, on_eval)
 
 
@@ -272,11 +284,13 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     val_loader = DataLoader(validation_set(cfg), batch_size=1000, shuffle=False)
     model, optimizer, val_loader = accelerator.prepare(model, optimizer, val_loader)
 
-    start, history, wall_before = 0, [], 0.0
+    start, history, wall_before, resumed = 0, [], 0.0, {}
     if resume_from is not None:
         meta = load_checkpoint(accelerator, resume_from)
         start, history, wall_before = meta["step"], meta["extra"].get("history", []), meta["extra"].get("wall_time", 0.0)
-        accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name})")
+        resumed = {"resumed_from_processes": meta.get("processes", 1),   # for debug.json: the weights as loaded
+                   "loaded": debug.fingerprint(*accelerator.unwrap_model(model).state_dict().values()) if debug.enabled() else 0}
+        accelerator.print(f"resuming {run_dir.name} from step {start} ({resume_from.name}){restart_note()}")
         if accelerator.is_main_process:   # a best checkpoint from after the resumed step belongs to a lost future
             for stale in list_checkpoints(best_dir):
                 if int(stale.name[len(PREFIX):]) > start:
@@ -285,7 +299,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
                             job_type=cfg.log.wandb_job_type,
                             tags=[cfg.model.model, f"T{cfg.data.seq_length}", cfg.data.input_encoding,
-                                  *(["curriculum"] if cfg.data.curriculum else [])])
+                                  *(["curriculum"] if cfg.data.curriculum else [])],
+                            resumed_from=start)   # one wandb run across restarts (its id kept in the run folder)
     length = curriculum_length(cfg, history)   # the training length; T without --curriculum
     if cfg.data.curriculum and not any("curriculum/T" in r for r in history):
         history.append({"step": start, "curriculum/T": length})
@@ -344,7 +359,9 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                 tracker.log(last_val, step=step)
                 record = validation_record(history, cfg.eval.solved_acc)
                 if record["best_step"] == step:   # every rank: the accuracy is gathered, so all agree
-                    checkpoint(best_dir, step, keep=1)
+                    best_ckpt = checkpoint(best_dir, step, keep=1)   # its export: a wandb model artifact (rank 0)
+                    tracker.log_model(lambda folder: export_checkpoint(best_ckpt, folder),
+                                      metadata={"step": step, **last_val})
                 if cfg.eval.stop_when_solved and record["solved_streak"] >= cfg.eval.stop_when_solved:
                     reason = "solved"
             ckpt = None
@@ -365,7 +382,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                   "steps": step, "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
                   "finished": False, "config": config}
         if accelerator.is_main_process:
-            write_json_atomic(run_dir / "metrics.json", failed)
+            with contextlib.suppress(OSError):   # on a full disk the record cannot be written either
+                write_json_atomic(run_dir / "metrics.json", failed)
         tracker.summary({k: failed[k] for k in SUMMARY_KEYS + ("error",) if failed.get(k) is not None})
         if accelerator.num_processes == 1:   # with several, the process exit ends the run (no collective here)
             tracker.finish()
@@ -379,12 +397,14 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     best = list_checkpoints(best_dir)
     metrics = {**last_train, **last_val, **end_record(history, cfg), "stop_reason": reason, "steps": step,
                "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
+               **({"resumed_from_processes": resumed["resumed_from_processes"]} if resumed else {}),
                "finished": reason != "interrupted", "config": config,
                "best_checkpoint": str(best[-1]) if best else None,
                **({"curriculum": [{"step": r["step"], "T": r["curriculum/T"]} for r in history if "curriculum/T" in r]}
                   if cfg.data.curriculum else {})}
     debug.record(accelerator, run_dir, weights=debug.fingerprint(*unwrapped.parameters()),
-                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1, curriculum_lengths(cfg)[0])))
+                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1, curriculum_lengths(cfg)[0])),
+                 loaded_weights=resumed.get("loaded", 0))
     if accelerator.is_main_process:
         x, y = validation_set(cfg)[0:1]   # the palindrome the gate plot reads
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
@@ -405,7 +425,10 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     return metrics
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:   # python trainers/lstm.py export --checkpoint RUN [--out FOLDER]
+        return export_main(argv[1:])
     cfg = parse(LSTMConfig, argv, prog="trainers/lstm.py", description=__doc__.splitlines()[0])
     return train(cfg)
 

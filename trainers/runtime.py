@@ -46,10 +46,27 @@ def make_accelerator(mixed_precision: str, use_wandb: bool, run_dir: Path, kwarg
     # (torchrun underneath) Accelerate then runs DDP over gloo instead of looking for CUDA.
     if not torch.cuda.is_available():
         guard_ddp_logger_on_gloo()
+    os.environ.update(nccl_error_settings(torch.cuda.is_available(), launched_processes(), os.environ))
     handlers = [*(kwargs_handlers or []), InitProcessGroupKwargs(timeout=timedelta(seconds=dist_timeout))]
     return Accelerator(mixed_precision=mixed_precision, log_with=log_with(use_wandb),
                        project_dir=str(run_dir), kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available())
+
+
+def nccl_error_settings(cuda: bool, world: int, environ) -> dict[str, str]:
+    """What a multi-GPU job sets before its NCCL process group exists, so that a dead or stuck rank
+    ends in Python, as the one-line error of ``collective_failures``.
+
+    Without it, a rank waiting on a dead peer blocks in a host sync (``.item()``, ``.cpu()``) and,
+    after the timeout, NCCL's watchdog thread aborts the process with a C++ trace.
+    ``TORCH_NCCL_BLOCKING_WAIT=1`` (torch's ProcessGroupNCCL environment variables) makes each
+    collective's wait block the calling thread and raise ``DistBackendError`` at the timeout, which
+    ``collective_failures`` turns into its line. A value the user set wins
+    (``TORCH_NCCL_BLOCKING_WAIT=0`` for the asynchronous waits, at the cost of that error). What the
+    blocking waits cost in step time has not been measured on a multi-GPU machine."""
+    if not cuda or world < 2 or "TORCH_NCCL_BLOCKING_WAIT" in environ:
+        return {}
+    return {"TORCH_NCCL_BLOCKING_WAIT": "1"}
 
 
 def clear_accelerate_state_for(mixed_precision: str) -> None:
@@ -155,8 +172,10 @@ def collective_failures(world: int, timeout: float, ckpt_dir: Path | None):
                "stuck": f"a collective waited more than --dist-timeout {timeout:g}s for another rank: it is "
                         "stuck or gone, or its work alone took longer (raise --dist-timeout)",
                "mismatch": "the ranks called different collectives (TORCH_DISTRIBUTED_DEBUG=DETAIL found it)"}[cause]
-        raise JobFailure(f"a collective across the {world} processes failed ({first}): {why}; "
-                         f"{kept}rerun the same launch command with --resume") from None
+        from trainers.checkpoint import restarts_left
+        then = ("the launcher restarts the job, and --resume auto continues from the last checkpoint"
+                if restarts_left() else "rerun the same launch command with --resume")
+        raise JobFailure(f"a collective across the {world} processes failed ({first}): {why}; {kept}{then}") from None
 
 
 class Shards:

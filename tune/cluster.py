@@ -203,3 +203,14 @@ def join(address: str) -> None:
     print(f"joined the Ray cluster at {address}: {len(ray.nodes())} node(s), {total.get('CPU', 0):g} CPUs, "
           f"{total.get('GPU', 0):g} GPUs; auth: {'token from ' + source if source else 'none'}", flush=True)
     watch_head(address)
+
+
+def hide_unassigned_gpus(gpu_ids: list, environ=os.environ) -> None:
+    """In a trial: show CUDA only the GPUs Ray gave it (``ray.get_gpu_ids()``), none for a 0-GPU trial.
+
+    Ray 2.60 no longer empties CUDA_VISIBLE_DEVICES for a worker that asked for no GPU, so a trial
+    of ``--gpus-per-trial 0`` would see every GPU and the trainer's Accelerator would take cuda:0,
+    every such trial the same one. Call before anything initialises CUDA in the worker."""
+    if not gpu_ids:
+        environ["CUDA_VISIBLE_DEVICES"] = ""
+

@@ -263,11 +263,14 @@ def run_trial(config: dict) -> None:
     first sends those, from the checkpoint's history, and never one Tune has (tune/record.py). A
     checkpoint whose report Tune stopped the trial without taking (Ctrl-C) is dropped, so a clean
     stop leaves the run folder at Tune's record."""
+    import ray
     from ray import tune
 
     from tune.asha import CULLED_BY_ASHA
+    from tune.cluster import hide_unassigned_gpus
     from tune.record import recorded_step
 
+    hide_unassigned_gpus(ray.get_gpu_ids())   # a 0-GPU trial trains on its CPUs
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(config, trial_id)
     sweep_dir, run_dir = Path(cfg.run.out_dir).parent, cfg.run_dir
