@@ -103,11 +103,11 @@ def ray_session():
 
 
 def test_a_tiny_sweep_extends_its_grid_in_rounds_until_the_horizon_is_found(ray_session, tmp_path):
-    # T=2 is learnt in a few dozen steps at lr 1e-2; the extension doubles to 4, and on to 8 if 4 is
-    # solved (the cap), each round with two new seeds of the best configuration
+    # T=2 is learnt in a few dozen steps at lr 1e-2; the extension doubles to 4 (the cap) with two new
+    # seeds of the best configuration, and with a resolution of x2 that one round settles it
     sc = build(SweepConfig, models=("lstm",), seq_lengths=(2,), hidden_dims=(8,), num_samples=1, steps=60,
                eval_every=20, grace_period=20, batch_size=32, val_size=200, lr_min=9e-3, lr_max=1.1e-2,
-               floor_acc=0, horizon_draws=2, max_seq_length=8, wandb=False, out_dir=str(tmp_path), name="ext")
+               floor_acc=0, horizon_draws=2, horizon_resolution=2.0, max_seq_length=4, wandb=False, out_dir=str(tmp_path), name="ext")
     outcome = run_sweep(sc, verbose=0)
     sweep, rows = outcome["sweep_dir"], outcome["rows"]
     assert outcome["unfinished"] == 0 and outcome["errors"] == 0
@@ -120,7 +120,7 @@ def test_a_tiny_sweep_extends_its_grid_in_rounds_until_the_horizon_is_found(ray_
         if k:
             before = [r for r in rows if r["round"] < k]
             results = cell_results(before, "lstm", 0.99)
-            t, add = next_cell(results, 2, 1.25, 8)
+            t, add = next_cell(results, 2, 2.0, 4)
             ran = results.get(t, (0, 0))[1]
             assert sorted((r["seq_length"], r["draw"]) for r in this) == [(t, d) for d in range(ran, ran + add)]
             best = best_per_cell(before)["lstm", horizon(results)["solved"]]
@@ -128,7 +128,7 @@ def test_a_tiny_sweep_extends_its_grid_in_rounds_until_the_horizon_is_found(ray_
                 {(best["hidden_dim"], best["lr"], d) for d in range(ran, ran + add)}
             assert (sweep / f"tune-extend-{k}").is_dir()
         done = cell_results([r for r in rows if r["round"] <= k], "lstm", 0.99)
-    assert next_cell(done, 2, 1.25, 8) is None and max(r["round"] for r in rows) >= 1
+    assert next_cell(done, 2, 2.0, 4) is None and max(r["round"] for r in rows) == 1
     # the report reads every round: the table's words and results.csv
     table = (sweep / "table.md").read_text()
     assert describe(horizon(done)) in table
