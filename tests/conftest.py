@@ -18,7 +18,7 @@ _CLEARED_PREFIXES = ("WANDB_", "ACCELERATE_")
 
 # pytest-xdist (-n 2 in pyproject.toml) runs one file's tests on one worker, so a file's fixtures are
 # built once; the files that start Ray share one worker, so there is one local Ray at a time.
-RAY_FILES = {"test_cluster", "test_sweep", "test_sweep_cli"}
+RAY_FILES = {"test_cluster", "test_sweep", "test_sweep_cli", "test_sweep_horizon"}
 
 
 def pytest_collection_modifyitems(items):

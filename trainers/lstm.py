@@ -5,11 +5,15 @@
     python trainers/lstm.py --model rnn --seq-length 20      # the baseline
     accelerate launch --config_file launch/cpu_2proc.yaml trainers/lstm.py --seq-length 20
     python trainers/lstm.py --config my_run.yaml --lr 2e-3   # flags from a file, then the command line
+    python trainers/lstm.py --seq-length 1000 --hidden-dim 64 --lr 1.5e-3 --forget-bias 5 --curriculum \
+        --steps 8000 --eval-every 250 --solved-acc 0.99 --stop-when-solved 1 --num-threads 1   # T=1000
     python trainers/lstm.py export --checkpoint runs/<run>   # runs/<run>/model: safetensors, ONNX, .pt2, card
 
-Writes <out-dir>/<run-name>/{metrics.json, figures/curves.png, figures/gates.png, checkpoints/}:
+Writes <out-dir>/<run-name>/{metrics.json, figures/{curves,gates,memory}.png, checkpoints/}:
 metrics.json holds the last and the best validation (accuracy and step) and why the run ended;
 checkpoints/best/ the checkpoint of the best validation, beside the latest ones.
+--curriculum trains on shorter palindromes first (T/8, then x2 each time the training accuracy reaches
+--curriculum-acc) up to --seq-length; validation is always at --seq-length.
 --batch-size is per process: with N processes the global batch is N x batch-size.
 """
 from __future__ import annotations
@@ -39,7 +43,7 @@ from trainers.cli import (Log, Run, UsageError, check_choices, flatten, override
                           require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
 from trainers.lstm_export import export_checkpoint, export_main, validation_at
-from trainers.lstm_plots import plot_curves, plot_gates, state_means
+from trainers.lstm_plots import plot_curves, plot_gates, plot_memory, state_means
 from trainers.runtime import (StopFlag, collective_failures, generator_for, hold_run_dir,
                               launched_processes, make_accelerator)
 from trainers.tracking import start_tracker
@@ -58,6 +62,10 @@ class Data:
     seq_length: int = 5  # palindrome length T; the input is its first T-1 digits
     input_encoding: Literal["onehot", "scalar"] = "onehot"  # digits one-hot (10-d) or the course template's 1-d scalar
     val_size: int = 10_000  # size of the fixed validation set
+    curriculum: bool = False  # train on shorter palindromes first, longer once they are learnt (validation stays at T)
+    curriculum_start: int = 0  # the curriculum's first training length (0: T/8; at least 2)
+    curriculum_growth: float = 2.0  # each advance multiplies the training length by this (capped at T)
+    curriculum_acc: float = 0.99  # advance when the training accuracy over a log window reaches this
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Model:
     hidden_dim: int = 128  # hidden units H
     backend: Literal["script", "eager", "compile"] = "script"  # time loop: script (TorchScript), eager or compile
     forget_bias: float = 1.0  # initial forget-gate bias b_f (the report's init is 0)
+    rnn_init: Literal["default", "orthogonal", "identity"] = "default"  # the RNN's W_hh: N(0, 1/H), orthogonal, or I (Le et al. 2015)
 
 
 @dataclass
@@ -114,6 +123,14 @@ class LSTMConfig:
         require_at_least(self.eval.stop_when_solved, 0, "stop_when_solved")
         if not 0 < self.eval.solved_acc <= 1:
             raise UsageError(f"--solved-acc must lie in (0, 1], got {self.eval.solved_acc}")
+        d = self.data
+        if d.curriculum_start and not 2 <= d.curriculum_start <= d.seq_length:
+            raise UsageError(f"--curriculum-start must lie in [2, --seq-length {d.seq_length}] (0: T/8), "
+                             f"got {d.curriculum_start}")
+        if not (math.isfinite(d.curriculum_growth) and d.curriculum_growth > 1):
+            raise UsageError(f"--curriculum-growth must be a number > 1, got {d.curriculum_growth}")
+        if not 0 < d.curriculum_acc <= 1:
+            raise UsageError(f"--curriculum-acc must lie in (0, 1], got {d.curriculum_acc}")
         if not math.isfinite(self.model.forget_bias):
             raise UsageError(f"--forget-bias must be finite, got {self.model.forget_bias}")
 
@@ -146,10 +163,37 @@ def encode(digits: torch.Tensor, encoding: str) -> tuple[torch.Tensor, torch.Ten
     return inputs.unsqueeze(-1).float(), target
 
 
-def train_batch(cfg: LSTMConfig, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch of ``step`` on ``rank``: a pure function of (seed, rank, step)."""
-    digits = palindromes(cfg.optim.batch_size, cfg.data.seq_length, generator_for(cfg.run.seed, rank, step))
+def train_batch(cfg: LSTMConfig, rank: int, step: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of ``step`` on ``rank``, palindromes of ``length`` (default T): a pure function of
+    (seed, rank, step, length)."""
+    digits = palindromes(cfg.optim.batch_size, length or cfg.data.seq_length, generator_for(cfg.run.seed, rank, step))
     return encode(digits, cfg.data.input_encoding)
+
+
+def curriculum_lengths(cfg: LSTMConfig) -> list[int]:
+    """The curriculum's training lengths: --curriculum-start (0: T/8, at least 2), multiplied by
+    --curriculum-growth at each advance, capped at T. Without --curriculum, T alone."""
+    d = cfg.data
+    if not d.curriculum:
+        return [d.seq_length]
+    lengths = [min(d.seq_length, d.curriculum_start or max(2, d.seq_length // 8))]
+    while lengths[-1] < d.seq_length:
+        lengths.append(min(d.seq_length, math.ceil(lengths[-1] * d.curriculum_growth)))
+    return lengths
+
+
+def curriculum_length(cfg: LSTMConfig, history: list[dict]) -> int:
+    """The training length now: the last ``curriculum/T`` the history records (a resumed run reads
+    it from its checkpoint's history), else the schedule's first."""
+    return next((r["curriculum/T"] for r in reversed(history) if "curriculum/T" in r), curriculum_lengths(cfg)[0])
+
+
+def next_length(cfg: LSTMConfig, length: int, train_acc: float) -> int:
+    """The length after a log window at ``length`` with training accuracy ``train_acc``."""
+    lengths = curriculum_lengths(cfg)
+    if train_acc < cfg.data.curriculum_acc or length >= lengths[-1]:
+        return length
+    return next(t for t in lengths if t > length)
 
 
 def validation_set(cfg: LSTMConfig) -> TensorDataset:
@@ -165,7 +209,7 @@ def build_model(cfg: LSTMConfig) -> torch.nn.Module:
     m = cfg.model
     if m.model == "lstm":
         return LSTM(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend, forget_bias=m.forget_bias)
-    return RNN(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend)
+    return RNN(cfg.input_dim, m.hidden_dim, NUM_CLASSES, backend=m.backend, init=m.rnn_init)
 
 
 @torch.no_grad()
@@ -254,8 +298,13 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
                             job_type=cfg.log.wandb_job_type,
-                            tags=[cfg.model.model, f"T{cfg.data.seq_length}", cfg.data.input_encoding],
+                            tags=[cfg.model.model, f"T{cfg.data.seq_length}", cfg.data.input_encoding,
+                                  *(["curriculum"] if cfg.data.curriculum else [])],
                             resumed_from=start)   # one wandb run across restarts (its id kept in the run folder)
+    length = curriculum_length(cfg, history)   # the training length; T without --curriculum
+    if cfg.data.curriculum and not any("curriculum/T" in r for r in history):
+        history.append({"step": start, "curriculum/T": length})
+        tracker.log({"curriculum/T": length}, step=start)
     stop, t0 = StopFlag(), time.perf_counter()
     wall = lambda: wall_before + time.perf_counter() - t0  # noqa: E731
     bar = tqdm(total=cfg.optim.steps, initial=start, desc=cfg.name, dynamic_ncols=True,
@@ -263,7 +312,8 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     window_loss, window_hits, window_n = 0.0, 0.0, 0
     last_train, last_val, step, reason = {}, {}, start, None   # reason: why the loop ended early
     for row in history:   # a resumed run goes on (or ends at once) with the scalars it had logged last
-        (last_val if "val/acc" in row else last_train).update({k: v for k, v in row.items() if k != "step"})
+        if "curriculum/T" not in row:
+            (last_val if "val/acc" in row else last_train).update({k: v for k, v in row.items() if k != "step"})
 
     def checkpoint(folder: Path, at: int, keep: int) -> Path:
         return save_checkpoint(accelerator, folder, at, config, keep, extra={"history": history, "wall_time": wall()})
@@ -271,7 +321,7 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
     model.train()
     try:
         for step in range(start + 1, cfg.optim.steps + 1):
-            x, y = (t.to(accelerator.device) for t in train_batch(cfg, rank, step))
+            x, y = (t.to(accelerator.device) for t in train_batch(cfg, rank, step, length))
             logits = model(x).float()                       # (B, 10)
             loss = F.cross_entropy(logits, y)               # eqs 8-9: softmax + NLL on the last step
             optimizer.zero_grad(set_to_none=True)
@@ -288,10 +338,17 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
             window_hits += (logits.argmax(1) == y).float().mean().item()
             bar.update(1)
             if step % cfg.eval.log_every == 0 or step == cfg.optim.steps:
-                last_train = {"train/loss": window_loss / window_n, "train/acc": window_hits / window_n}
+                window = torch.tensor([window_loss / window_n, window_hits / window_n], device=accelerator.device)
+                loss_mean, acc_mean = accelerator.reduce(window, reduction="mean").tolist()   # over ranks
+                last_train = {"train/loss": loss_mean, "train/acc": acc_mean}
                 window_loss, window_hits, window_n = 0.0, 0.0, 0
                 history.append({"step": step, **last_train})
                 tracker.log(last_train, step=step)
+                if next_length(cfg, length, acc_mean) != length:   # every rank: the mean is the same on all
+                    length = next_length(cfg, length, acc_mean)
+                    history.append({"step": step, "curriculum/T": length})
+                    tracker.log({"curriculum/T": length}, step=step)
+                    accelerator.print(f"curriculum: training on T={length} from step {step + 1}")
                 bar.set_postfix(loss=f"{last_train['train/loss']:.3f}", acc=f"{last_train['train/acc']:.3f}")
 
             stopping = stop.should_stop(accelerator)
@@ -343,13 +400,19 @@ def _train(cfg: LSTMConfig, resume_from: Path | None, on_eval) -> dict:
                "wall_time_s": round(wall(), 2), "processes": accelerator.num_processes,
                **({"resumed_from_processes": resumed["resumed_from_processes"]} if resumed else {}),
                "finished": reason != "interrupted", "config": config,
-               "best_checkpoint": str(best[-1]) if best else None}
+               "best_checkpoint": str(best[-1]) if best else None,
+               **({"curriculum": [{"step": r["step"], "T": r["curriculum/T"]} for r in history if "curriculum/T" in r]}
+                  if cfg.data.curriculum else {})}
     debug.record(accelerator, run_dir, weights=debug.fingerprint(*unwrapped.parameters()),
-                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1)), loaded_weights=resumed.get("loaded", 0))
+                 first_batch=debug.fingerprint(*train_batch(cfg, rank, 1, curriculum_lengths(cfg)[0])),
+                 loaded_weights=resumed.get("loaded", 0))
     if accelerator.is_main_process:
         x, y = validation_set(cfg)[0:1]   # the palindrome the gate plot reads
         figures = {"figures/curves": plot_curves(history, run_dir / "figures" / "curves.png"),
                    "figures/gates": plot_gates(unwrapped, x, y, run_dir / "figures" / "gates.png")}
+        if cfg.model.model == "lstm":   # which units hold the first digit, over 100 validation palindromes
+            figures["figures/memory"] = plot_memory(unwrapped, validation_set(cfg)[:100][0],
+                                                    run_dir / "figures" / "memory.png")
         write_json_atomic(run_dir / "metrics.json", metrics)
         tracker.log_images(figures, step=step)
         tracker.log_lines("gates/mean", *state_means(unwrapped, x), step=step, xname="t",

@@ -1,6 +1,6 @@
 """Ray Tune sweep of the palindrome trainer: how far back each model remembers (its horizon in T).
 
-    python tune/lstm_sweep.py                                 # the experiment: <= 60 min on a 2-core CPU
+    python tune/lstm_sweep.py                                 # the experiment: <= 30 min on a 2-core CPU
     python tune/lstm_sweep.py --quick                         # <= 5 min: one T the LSTM solves and the RNN not
     python tune/lstm_sweep.py --input-encoding scalar --name lstm-sweep-scalar   # the 1-d input's map
     python tune/lstm_sweep.py --address HEAD:6379 --gpus-per-trial 0.25   # join a running Ray cluster
@@ -11,8 +11,15 @@ point (model, T) gets --num-samples draws of hidden_dim and lr (and, in turn, th
 bias), each with its own seed. A trial ends as soon as its question is answered: solved (>=
 --solved-acc at --solve-patience validations in a row), culled by ASHA against the other draws of its
 grid point or for staying below --floor-acc, or at --steps; its metrics.json and wandb run say which.
+A model is an architecture and, for the RNN, the init of its W_hh (rnn, rnn-orthogonal, rnn-identity).
 
-Writes <out-dir>/sweeps/<name>/: sweep.json (the flags), tune/ (Ray's experiment state), trials/<run>/
+After the grid, each model's T is extended upward (tune/horizon.py: doubling, then bisecting between
+the last solved and the first failed T) with --horizon-draws seeds of the best configuration at the
+last solved T, one round of trials at a time, until it fails with every draw; the report gives each
+horizon as "solved at T_s, failed at T_f with n draws".
+
+Writes <out-dir>/sweeps/<name>/: sweep.json (the flags), tune/ (Ray's experiment state of the grid;
+tune-extend-<k>/ of the k-th round of the extension), trials/<run>/
 (the trainer's run folders) and, once every trial has ended, the report (tune/report.py).
 """
 from __future__ import annotations
@@ -35,8 +42,8 @@ from trainers.cli import (UsageError, check_choices, flatten, from_saved, overri
 from trainers.files import write_json_atomic
 from trainers.lstm import LSTMConfig, train
 from tune import report
+from tune.horizon import MODELS, arch, cell_results, next_cell, rnn_init
 
-MODELS = ("lstm", "rnn")
 METRIC = "val/acc"              # what ASHA compares
 TIME_ATTR = "step"              # ASHA's clock: the trainer step of each report
 ATTEMPTS = "attempts.jsonl"     # one line per start of a trial's trainer (first start or resume)
@@ -63,21 +70,24 @@ def listing(kind, metavar: str):
 
 Ints = Annotated[tuple[int, ...], listing(int, "INT")]
 Floats = Annotated[tuple[float, ...], listing(float, "FLOAT")]
-Models = Annotated[tuple[str, ...], listing(str, "{lstm,rnn}")]
+Models = Annotated[tuple[str, ...], listing(str, "{" + ",".join(MODELS) + "}")]
 
 
 @dataclass
 class Search:
     """search space"""
-    models: Models = MODELS  # models to sweep
-    lstm_seq_lengths: Ints = (20, 30, 50, 100, 200, 300, 400)  # the LSTM's grid of palindrome lengths T
-    rnn_seq_lengths: Ints = (10, 20, 30, 40, 50, 60, 80)  # the RNN's grid of palindrome lengths T
+    models: Models = MODELS  # models to sweep (rnn-orthogonal, rnn-identity: the RNN with that W_hh init)
+    lstm_seq_lengths: Ints = (50, 100, 200, 400)  # the LSTM's grid of palindrome lengths T (the extension goes on)
+    rnn_seq_lengths: Ints = (10, 30, 60)  # the RNNs' grid of palindrome lengths T (the extension goes on)
     seq_lengths: Ints = ()  # one grid of T for every model, in place of the two above
     hidden_dims: Ints = (32, 64)  # hidden sizes drawn from (uniformly)
     lr_min: float = 7e-4  # lower end of the log-uniform learning-rate range
     lr_max: float = 2e-3  # upper end of the log-uniform learning-rate range
     forget_biases: Floats = (3.0, 5.0, 7.0)  # LSTM forget-gate biases; a grid point's draws take them in turn
     num_samples: int = 3  # draws per grid point (model, T), each with its own seed
+    horizon_draws: int = 4  # past the grid: draws per T, and at least this many at the first failed T (0: no extension)
+    horizon_resolution: float = 1.25  # stop bisecting once the first failed T is within this factor of the last solved
+    max_seq_length: int = 4000  # the longest T the extension tries
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Scheduling:
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf of a grid point's trials at each rung
     floor_acc: float = 0.15  # cull a trial below this val accuracy from --floor-step on (chance: 0.1; 0: off)
     floor_step: int = 750  # the step from which --floor-acc applies
+    floor_length: int = 100  # above this T the floor starts later: --floor-step x T / --floor-length, at most --steps / 2 (0: never)
     cpus_per_trial: float = 1.0  # CPUs per trial (fractions allowed)
     gpus_per_trial: float = 0.0  # GPUs per trial (fractions allowed, e.g. 0.25 packs 4 per GPU)
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
@@ -136,12 +147,16 @@ class SweepConfig:
                 raise UsageError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
             lengths_of(self, m)
         check_list(s.hidden_dims, "hidden_dims", low=1)
+        require_at_least(s.horizon_draws, 0, "horizon_draws")
+        require_at_least(s.max_seq_length, 2, "max_seq_length")
+        if not s.horizon_resolution > 1:
+            raise UsageError(f"--horizon-resolution must be > 1, got {s.horizon_resolution}")
         check_list(s.forget_biases, "forget_biases")
         for name, value in (("lr_min", s.lr_min), ("lr_max", s.lr_max), ("cpus_per_trial", sch.cpus_per_trial)):
             require_positive(value, name)
         require_non_negative(sch.gpus_per_trial, "gpus_per_trial")
         for low, names in ((1, ("num_samples", "steps", "eval_every", "batch_size", "val_size", "grace_period",
-                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus"))):
+                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus", "floor_length"))):
             for name in names:
                 require_at_least(flatten(self)[name], low, name)
         for ok, why in ((s.lr_min < s.lr_max, f"the lr range is empty or inverted (--lr-min {s.lr_min:g} >= "
@@ -165,7 +180,9 @@ class SweepConfig:
 
 # The quick preset: one T both models learn and two beyond the RNN's horizon, where the LSTM with a
 # forget bias of 5 solves within a few hundred to a thousand steps. Flags given still apply.
-QUICK = dict(lstm_seq_lengths=(10, 50, 100), rnn_seq_lengths=(10, 50, 100), forget_biases=(5.0,), num_samples=2,
+# Its extension stops at T=100 and bisects the RNN's gap to within x2.
+QUICK = dict(models=("lstm", "rnn"), lstm_seq_lengths=(10, 50, 100), rnn_seq_lengths=(10, 50, 100),
+             forget_biases=(5.0,), num_samples=2, horizon_draws=2, horizon_resolution=2.0, max_seq_length=100,
              steps=2000, eval_every=100, grace_period=300, floor_step=500, val_size=2000, name="quick")
 # Flags of a running sweep that --resume takes from the command line, not from sweep.json.
 RUNTIME_FLAGS = ("address", "num_cpus", "out_dir", "name", "resume", "quick")
@@ -191,8 +208,8 @@ def check_list(values: tuple, name: str, low: float | None = None) -> None:
 
 
 def lengths_of(sc: SweepConfig, model: str) -> list[int]:
-    """The grid of T for ``model``: --seq-lengths when given, else the model's own grid."""
-    name = "seq_lengths" if sc.search.seq_lengths else f"{model}_seq_lengths"
+    """The grid of T for ``model``: --seq-lengths when given, else its architecture's own grid."""
+    name = "seq_lengths" if sc.search.seq_lengths else f"{arch(model)}_seq_lengths"
     check_list(getattr(sc.search, name), name, low=2)
     return sorted(set(getattr(sc.search, name)))
 
@@ -207,7 +224,8 @@ def trial_config(config: dict, trial_id: str) -> LSTMConfig:
     """A trial's trainer config: its Tune config names LSTMConfig fields (the sweep's fixed settings
     and the sampled point); its run folder is named after the point and the trial id."""
     cfg = from_saved(LSTMConfig, config)
-    return override(cfg, run_name=f"{cfg.model.model}-T{cfg.data.seq_length}-h{cfg.model.hidden_dim}-{trial_id}")
+    model = config.get("sweep_model", cfg.model.model)   # rnn-identity for --model rnn --rnn-init identity
+    return override(cfg, run_name=f"{model}-T{cfg.data.seq_length}-h{cfg.model.hidden_dim}-{trial_id}")
 
 
 def lost_reports(run_dir: Path, recorded: int) -> list[dict]:
@@ -290,7 +308,7 @@ def run_trial(config: dict) -> None:
 
 def trial_dirname(trial) -> str:
     point = trial.config.get("point", trial.config)   # the grid entry: resolved before the rest of the config
-    return f"{point['model']}-T{point['seq_length']}-{trial.trial_id}"
+    return f"{point['sweep_model']}-T{point['seq_length']}-{trial.trial_id}"
 
 
 # --- the search space and its resources ----------------------------------------------------------
@@ -305,16 +323,43 @@ def fixed_trial_settings(sc: SweepConfig) -> dict:
                 progress=False, num_threads=max(1, int(sc.scheduling.cpus_per_trial)))
 
 
+def point(model: str, t: int, draw: int, seed: int, forget_bias: float, **fixed) -> dict:
+    """One trial's entry: its sweep model (and the trainer's --model and --rnn-init), T, draw, seed."""
+    return {"sweep_model": model, "model": arch(model), "rnn_init": rnn_init(model), "seq_length": t, "draw": draw,
+            "seed": seed, "forget_bias": forget_bias if arch(model) == "lstm" else LSTMConfig().model.forget_bias,
+            **fixed}
+
+
 def grid_points(sc: SweepConfig) -> list[dict]:
     """One entry per trial: (model, T, draw k) with seed + k, the LSTM's draw k with the k-th forget
     bias in turn. The costliest grid points come first (longest T, the LSTM before the RNN), so the
     long trials do not all start at the end; a grid point's draws are next to each other, so ASHA
     compares them early."""
     biases = sc.search.forget_biases
-    points = [{"model": m, "seq_length": t, "draw": k, "seed": sc.trial.seed + k,
-               "forget_bias": biases[k % len(biases)] if m == "lstm" else LSTMConfig().model.forget_bias}
+    points = [point(m, t, k, sc.trial.seed + k, biases[k % len(biases)])
               for m in dict.fromkeys(sc.search.models) for t in lengths_of(sc, m) for k in range(sc.search.num_samples)]
-    return sorted(points, key=lambda p: (-p["seq_length"], p["model"], p["draw"]))
+    return sorted(points, key=lambda p: (-p["seq_length"], p["sweep_model"], p["draw"]))
+
+
+def extension_points(sc: SweepConfig, rows: list[dict]) -> list[dict]:
+    """The next round past the grid (tune/horizon.py's rule on each model's results so far): for
+    each model whose horizon is not found yet, the draws of its next T, each a new seed of the best
+    configuration (hidden_dim, lr, forget bias) at its longest solved T. Empty: every horizon found."""
+    s, points = sc.search, []
+    if not s.horizon_draws:
+        return points
+    for model in dict.fromkeys(s.models):
+        results = cell_results(rows, model, report.SOLVED)
+        cell = next_cell(results, s.horizon_draws, s.horizon_resolution, s.max_seq_length)
+        if cell is None:
+            continue
+        t, add = cell
+        t_s = max(x for x, (solved, _) in results.items() if solved)
+        best = report.best_per_cell(rows)[model, t_s]
+        ran = results.get(t, (0, 0))[1]
+        points += [point(model, t, k, sc.trial.seed + k, best["forget_bias"] or 0.0, hidden_dim=best["hidden_dim"],
+                         lr=best["lr"]) for k in range(ran, ran + add)]
+    return points
 
 
 def check_trial_configs(sc: SweepConfig) -> None:
@@ -326,13 +371,21 @@ def check_trial_configs(sc: SweepConfig) -> None:
                 trial_config({**fixed, **point, "hidden_dim": hidden, "lr": lr}, "check").validate()
 
 
+def check_points(sc: SweepConfig, points: list[dict]) -> None:
+    for p in points:
+        trial_config({**fixed_trial_settings(sc), **p}, "check").validate()
+
+
 def trainable(sc: SweepConfig):
     from ray import tune
 
     return tune.with_resources(run_trial, {"cpu": sc.scheduling.cpus_per_trial, "gpu": sc.scheduling.gpus_per_trial})
 
 
-def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
+def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1, points: list[dict] | None = None,
+                name: str = "tune"):
+    """The Tuner of the grid, or with ``points`` (each with its hidden_dim and lr) of one round of
+    the extension, as the experiment ``name``."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -340,18 +393,20 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
     from tune.record import RecordedSteps
 
     s, sch = sc.search, sc.scheduling
+    sampled = {"hidden_dim": tune.choice(hidden_dims(sc)), "lr": tune.loguniform(s.lr_min, s.lr_max)}
     param_space = {   # one grid entry per trial; its fields are copied to the top level of the trial's config
-        "point": tune.grid_search(grid_points(sc)),
+        "point": tune.grid_search(points or grid_points(sc)),
         **{key: tune.sample_from(lambda config, key=key: config["point"][key])
-           for key in ("model", "seq_length", "draw", "seed", "forget_bias")},
-        "hidden_dim": tune.choice(hidden_dims(sc)),
-        "lr": tune.loguniform(s.lr_min, s.lr_max),
+           for key in ("sweep_model", "model", "rnn_init", "seq_length", "draw", "seed", "forget_bias",
+                       *(sampled if points else ()))},
+        **({} if points else sampled),
         **fixed_trial_settings(sc),
     }
-    scheduler = GroupedASHA(("model", "seq_length"), metric=METRIC, mode="max", time_attr=TIME_ATTR,
+    scheduler = GroupedASHA(("sweep_model", "seq_length"), metric=METRIC, mode="max", time_attr=TIME_ATTR,
                             max_t=sc.trial.steps, grace_period=sch.grace_period,
                             reduction_factor=sch.reduction_factor, floor_acc=sch.floor_acc,
-                            floor_step=sch.floor_step, cull_dir=str(sc.sweep_dir / CULLED))
+                            floor_step=sch.floor_step, floor_length=sch.floor_length,
+                            cull_dir=str(sc.sweep_dir / CULLED))
     return tune.Tuner(
         trainable(sc),
         param_space=param_space,
@@ -360,7 +415,7 @@ def build_tuner(sc: SweepConfig, callbacks=None, verbose: int = 1):
         tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler, reuse_actors=True,
                                     search_alg=BasicVariantGenerator(random_state=sc.trial.seed),
                                     trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sc.sweep_dir), verbose=verbose,
+        run_config=tune.RunConfig(name=name, storage_path=str(sc.sweep_dir), verbose=verbose,
                                   callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED),
                                                                                TIME_ATTR)],
                                   failure_config=tune.FailureConfig(max_failures=sch.max_failures)))
@@ -437,21 +492,28 @@ def run_sweep(sc: SweepConfig, callbacks=None, verbose: int = 1) -> dict:
         check_resources(sc)
         from ray.tune import Tuner
 
+        done = report.experiments(sweep_dir)   # the rounds already started: the grid, then the extension's
         if sc.output.resume:
             if not Tuner.can_restore(str(sweep_dir / "tune")):
                 raise UsageError(f"--resume: {sweep_dir / 'tune'} holds no Ray Tune state to restore; "
                                  "start the sweep again under another --name")
-            tuner = Tuner.restore(str(sweep_dir / "tune"), trainable(sc), resume_errored=True)
+            tuner = Tuner.restore(str(done[-1]), trainable(sc), resume_errored=True)   # the last round started
         else:
             write_json_atomic(sweep_dir / "sweep.json", flatten(sc))
             tuner = build_tuner(sc, callbacks, verbose)
-        tuner.fit()
+        while True:   # the grid (or the round resumed), then the extension one round at a time
+            tuner.fit()
+            rows = report.collect_rows(sweep_dir)
+            unfinished = sum(r["status"] in report.UNFINISHED for r in rows)
+            points = [] if unfinished else extension_points(sc, rows)
+            if not points:
+                break
+            check_points(sc, points)
+            tuner = build_tuner(sc, callbacks, verbose, points, name=f"tune-extend-{len(report.experiments(sweep_dir))}")
     finally:
         if started:
             import ray
             ray.shutdown()
-    rows = report.collect_rows(sweep_dir)
-    unfinished = sum(r["status"] in report.UNFINISHED for r in rows)
     if unfinished == 0:
         report.write_report(sweep_dir, rows, wall_s=time.perf_counter() - t0)
     return {"sweep_dir": sweep_dir, "trials": len(rows), "unfinished": unfinished,
