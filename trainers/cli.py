@@ -68,6 +68,16 @@ def _where(cls) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _field_type(cls, name: str):
+    """The annotation of the (flat) field ``name`` of ``cls``, None if it has none."""
+    where = _where(cls).get(name)
+    if where is None:
+        return None
+    for attr in where[:-1]:
+        cls = typing.get_type_hints(cls)[attr]
+    return typing.get_type_hints(cls)[where[-1]]
+
+
 def override(cfg, **flat):
     """A copy of ``cfg`` with the fields named by their flag names replaced; TypeError for a name
     the config does not have (as a dataclass constructor would raise)."""
@@ -158,7 +168,7 @@ def parse(cls, argv: Sequence[str] | None, prog: str, description: str, default=
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "resume" in _where(cls):
+    if _field_type(cls, "resume") not in (None, bool):   # --resume [auto]: a bare --resume is True
         argv = bare_flag_means(argv, "--resume", "True")
     default = default if default is not None else cls()
     config_file = flag_value("--config", argv) if "config" in _where(cls) else None
