@@ -318,8 +318,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None) -> di
         G, D = synchronise_batchnorm(G, device.type), synchronise_batchnorm(D, device.type)
     if o.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    # fused: one kernel for all of a model's parameters; on a CPU 3-13x faster than Adam's default
-    # per-parameter loop (benchmarks/gan_speed.py --variants all), the same update to rounding.
+    # fused: one kernel for all of a model's parameters instead of Adam's per-parameter loop; the same
+    # update to rounding (benchmarks/gan_speed.py measures the loop against the example's default Adam).
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
