@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 LATENT_DIM = 100   # the report's z size
@@ -26,8 +27,11 @@ def block(layer: nn.Module, channels: int) -> list[nn.Module]:
     return [layer, nn.BatchNorm2d(channels), nn.LeakyReLU(0.2)]
 
 
-class Generator(nn.Module):
-    """``Generator(latent_dim, base_channels)``: z ``(B, latent_dim)`` -> images ``(B, 1, 28, 28)`` in [-1, 1]."""
+class Generator(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["dcgan", "mnist"]):
+    """``Generator(latent_dim, base_channels)``: z ``(B, latent_dim)`` -> images ``(B, 1, 28, 28)`` in [-1, 1].
+
+    ``save_pretrained(folder)`` / ``Generator.from_pretrained(folder)`` (huggingface_hub's mixin):
+    config.json (the arguments above) and model.safetensors."""
 
     def __init__(self, latent_dim: int = LATENT_DIM, base_channels: int = 128):
         super().__init__()

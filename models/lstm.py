@@ -33,6 +33,7 @@ import math
 from typing import Callable, List, Tuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from models.lstm_fused import KERNELS, fused_lstm
@@ -41,7 +42,7 @@ GATES = ("g", "i", "f", "o")
 BACKENDS = ("script", "eager", "compile")
 
 
-class LSTM(nn.Module):
+class LSTM(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["lstm", "palindromes"]):
     """``LSTM(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``.
 
     ``backend``: ``"script"`` (the fused layer), ``"eager"`` (``lstm_loop``) or ``"compile"``

@@ -2,6 +2,14 @@
 
     h_t = tanh(x_t W_hx + h_{t-1} W_hh + b_h)
     p   = h_L W_ph + b_p                       (logits of the last step)
+
+``init`` sets W_hh, the weights a gradient crosses at every step back in time:
+- "default": N(0, 1/H), as the input and output weights;
+- "orthogonal": a random orthogonal matrix (Saxe et al. 2014), every singular value 1, so the
+  linear part of the recurrence neither grows nor shrinks a gradient;
+- "identity": W_hh = I, the IRNN initialisation of Le et al. (2015). Their recurrence is a ReLU;
+  here it stays tanh, so the identity holds h exactly only where tanh is linear (small h), and
+  tanh' <= 1 shrinks it elsewhere: h_t = tanh(h_{t-1} + x_t W_hx + b_h) starts as a leaky sum.
 """
 from __future__ import annotations
 
@@ -9,10 +17,13 @@ import math
 from typing import List, Tuple
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from models.lstm import BACKENDS, compiled
 from models.lstm_fused import compute_dtype, script
+
+RNN_INITS = ("default", "orthogonal", "identity")
 
 
 def rnn_loop(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tensor, List[Tensor]]:
@@ -48,13 +59,16 @@ def rnn_loop_compiled(xw: Tensor, W_hh: Tensor, keep_states: bool) -> Tuple[Tens
     return h, [torch.stack(hs, dim=1)] if keep_states else []
 
 
-class RNN(nn.Module):
+class RNN(nn.Module, PyTorchModelHubMixin, library_name="palgan", tags=["rnn", "palindromes"]):
     """``RNN(input_dim, hidden_dim, output_dim)``: ``(B, L, D)`` -> logits ``(B, output_dim)``."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, backend: str = "script"):
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, backend: str = "script",
+                 init: str = "default"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if init not in RNN_INITS:
+            raise ValueError(f"init must be one of {RNN_INITS}, got {init!r}")
         self.input_dim, self.hidden_dim, self.output_dim = input_dim, hidden_dim, output_dim
         self.backend = backend
         self.W_hx = nn.Parameter(torch.randn(input_dim, hidden_dim) / math.sqrt(input_dim))    # (D, H)
@@ -62,6 +76,11 @@ class RNN(nn.Module):
         self.b_h = nn.Parameter(torch.zeros(hidden_dim))
         self.W_ph = nn.Parameter(torch.randn(hidden_dim, output_dim) / math.sqrt(hidden_dim))  # (H, K)
         self.b_p = nn.Parameter(torch.zeros(output_dim))
+        with torch.no_grad():   # after the draws above, so the other weights are the same for every init
+            if init == "orthogonal":
+                nn.init.orthogonal_(self.W_hh)
+            elif init == "identity":
+                self.W_hh.copy_(torch.eye(hidden_dim))
 
     def forward(self, x: Tensor, return_states: bool = False):
         if self.backend == "script":

@@ -19,7 +19,7 @@ _CLEARED_PREFIXES = ("WANDB_", "ACCELERATE_")
 
 # pytest-xdist (-n 2 in pyproject.toml) runs one file's tests on one worker, so a file's fixtures are
 # built once; the files that start Ray share one worker, so there is one local Ray at a time.
-RAY_FILES = {"test_cluster", "test_sweep", "test_sweep_cli", "test_gan_sweep"}
+RAY_FILES = {"test_cluster", "test_sweep", "test_sweep_cli", "test_gan_sweep", "test_sweep_horizon"}
 
 
 def pytest_collection_modifyitems(items):
@@ -137,6 +137,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the worker processes the launcher started (read from their environment)."""
+    ranks = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = int(child)
+    return ranks
 
 
 @pytest.fixture(scope="module")

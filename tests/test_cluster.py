@@ -223,16 +223,14 @@ def test_slurm_dry_run_two_nodes_of_four_gpus(tmp_path):
         assert flag(cmd, "--main_process_ip") == "gpu-a" and flag(cmd, "--main_process_port") == "29500"
         assert flag(cmd, "--rdzv_conf") == "timeout=300" and flag(cmd, "--dist-timeout") == "300"
         trainer = cmd[cmd.index("trainers/gan.py"):]
+        # --resume auto: a first start trains from scratch, a requeued one continues from its checkpoint
         assert trainer == ["trainers/gan.py", "--dist-timeout", "300", "--out-dir", str(tmp_path),
-                           "--run-name", "slurm-palgan-42"]
-    # a requeued job finds the preempted one's checkpoint and resumes it on every node
-    (tmp_path / "slurm-palgan-42" / "checkpoints" / "step_00000100").mkdir(parents=True)
-    resumed = dry_run(tmp_path, "trainers/lstm.py", "--seq-length", "20")
-    for rank, cmd in enumerate(resumed):
+                           "--run-name", "slurm-palgan-42", "--resume", "auto"]
+    for rank, cmd in enumerate(dry_run(tmp_path, "trainers/lstm.py", "--seq-length", "20")):
         assert flag(cmd, "--machine_rank") == str(rank)
         assert cmd[cmd.index("trainers/lstm.py"):] == [
             "trainers/lstm.py", "--dist-timeout", "300", "--out-dir", str(tmp_path), "--run-name", "slurm-palgan-42",
-            "--resume", "--seq-length", "20"]
+            "--resume", "auto", "--seq-length", "20"]
 
 
 STUB_SRUN = """#!/usr/bin/env bash

@@ -31,7 +31,7 @@ def test_gan_speed_benchmark_at_a_tiny_size():
                          "--rounds", "1"]))
     rows = dict(re.findall(r"^(trainer|plain)\s+\d+\s+([\d.]+)x$", out, re.M))
     assert float(rows["plain"]) == 1.0 and float(rows["trainer"]) > 0, out
-    assert re.search(r"goal trainer/plain >= 1.0x: [\d.]+x", out)
+    assert re.search(r"goal trainer/plain >= 1.05x: [\d.]+x", out)
 
 
 def test_lstm_speed_benchmark_at_a_tiny_size(tmp_path):

@@ -266,19 +266,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     assert mb["steps"] == ma["steps"] == 64 and mb["last_epoch/loss_d"] == ma["last_epoch/loss_d"]
 
 
-def test_resume_under_another_number_of_processes_is_one_line_and_exit_2(tmp_path):
-    """Iterations per epoch and each rank's shard depend on the number of processes: a checkpoint
-    from 2 processes resumed by 1 is refused before anything loads or trains."""
+def test_resume_under_another_number_of_processes_keeps_the_global_batch_or_is_one_line(tmp_path):
+    """A checkpoint from 2 processes x batch 32 resumed by 1 process: an explicit --batch-size that
+    changes the global batch is refused before anything loads or trains (one line, exit 2, the folder as
+    it was); with the same flags the run continues at batch 64, the same 8 iterations per epoch, says so
+    at start-up and records both process counts."""
     train(tiny(tmp_path, run_name="two", max_steps=8, stages="0"))
     meta_path = tmp_path / "two" / "checkpoints" / "step_00000008" / "palgan.json"
     meta = json.loads(meta_path.read_text())
     assert meta["processes"] == 1
     meta_path.write_text(json.dumps({**meta, "processes": 2}))      # as `accelerate launch` with 2 writes it
     before = {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()}
-    proc = run_script(["trainers/gan.py", *TINY_FLAGS, "--no-wandb", "--out-dir", tmp_path, "--run-name", "two",
-                       "--max-steps", "16", "--resume"])
-    assert_usage_error(proc, "step_00000008", "written by 2 process(es), not 1", "--num_processes 2")
+    args = ["trainers/gan.py", *TINY_FLAGS, "--no-wandb", "--out-dir", tmp_path, "--run-name", "two", "--resume"]
+    proc = run_script([*args, "--max-steps", "16", "--batch-size", "48"])
+    assert_usage_error(proc, "step_00000008", "--batch-size 48 on 1 process(es) is a global batch of 48, not the 64")
     assert {p: p.read_bytes() for p in (tmp_path / "two").rglob("*") if p.is_file()} == before
+    done = run_script([*args, "--max-steps", "16"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "two: continuing on 1 process(es) instead of 2: --batch-size 64 per process keeps the global batch " \
+           "of 64" in done.stdout, done.stdout[-2000:]
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (m["processes"], m["resumed_from_processes"], m["config"]["batch_size"], m["steps"]) == (1, 2, 64, 16)
+    assert m["iterations_per_epoch"] == 8
 
 
 # --- presets -------------------------------------------------------------------------------------

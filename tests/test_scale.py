@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rank_facts, ROOT, clean_env, free_port, run_script, signal_when, wait_for
+from conftest import rank_facts, rank_pids, ROOT, clean_env, free_port, run_script, signal_when, wait_for
 from trainers.cli import build
 from trainers.lstm import LSTMConfig, train_batch
 from trainers.debug import fingerprint
@@ -50,20 +50,6 @@ def start(args, log: Path, launcher: str = "accelerate") -> subprocess.Popen:
     out = open(log, "w")
     return subprocess.Popen(launch_cmd(args, launcher), cwd=ROOT, env=clean_env(**DETAIL), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    """{rank: pid} of the worker processes the launcher started (read from their environment)."""
-    ranks = {}
-    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
-        try:
-            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = int(child)
-    return ranks
 
 
 def has_checkpoint(run: Path, step: int | None = None):

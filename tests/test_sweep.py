@@ -25,7 +25,7 @@ from tune.report import NOT_REPRODUCED
 from tune.report import main as report_main
 
 TINY = dict(hidden_dims=(6,), num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
-            val_size=100)
+            val_size=100, horizon_draws=1, max_seq_length=4)   # the extension past the grid stops at T=4
 TINY_FLAGS = [x for k, v in TINY.items()
               for x in ("--" + k.replace("_", "-"), *(map(str, v) if isinstance(v, tuple) else [str(v)]))]
 
@@ -151,7 +151,8 @@ def test_solved_and_culled_trials_end_themselves_with_finished_records(ray_sessi
     # so the floor culls it there if ASHA has not culled it at step 10.
     sc = build(SweepConfig, models=("lstm",), seq_lengths=(2, 5), hidden_dims=(8,), num_samples=2, steps=100,
                eval_every=10, grace_period=10, batch_size=32, val_size=200, lr_min=9e-3, lr_max=1.1e-2,
-               floor_acc=0.9, floor_step=20, out_dir=str(tmp_path), name="ends")
+               floor_acc=0.9, floor_step=20, horizon_draws=2, horizon_resolution=3, max_seq_length=5,
+               out_dir=str(tmp_path), name="ends")
     outcome = run_sweep(sc, verbose=0)
     rows = {(int(r["seq_length"]), r["draw"]): r for r in outcome["rows"]}
     assert len(rows) == 4 and outcome["unfinished"] == 0

@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from conftest import ROOT, clean_env, signal_when
 from tune.lstm_sweep import QUICK
 
-SHRINK = ["--seq-lengths", "4", "--hidden-dims", "6", "--batch-size", "16", "--val-size", "100",
+SHRINK = ["--seq-lengths", "4", "--max-seq-length", "4", "--hidden-dims", "6", "--batch-size", "16", "--val-size", "100",
           "--eval-every", "10", "--grace-period", "10", "--floor-acc", "0"]
 
 
@@ -63,7 +63,8 @@ def test_sweep_script_starts_and_stops_its_own_ray_and_asha_culls_within_a_grid_
     # Every flag is given (no --quick, which replaces flags left at their defaults).
     child = sweep_script(["--models", "lstm", "--seq-lengths", "3", "--num-samples", "3", "--forget-biases", "3",
                           "--steps", "30", "--val-size", "500", "--lr-min", "1e-3", "--lr-max", "1e-1",
-                          "--reduction-factor", "2", "--num-cpus", "2", "--cpus-per-trial", "2", "--name", "q"],
+                          "--reduction-factor", "2", "--num-cpus", "2", "--cpus-per-trial", "2", "--name", "q",
+                          "--max-seq-length", "3"],   # the extension past the grid ends at its T
                          tmp_path, quick=False)
     out, err = finish(child, timeout=500)
     assert child.returncode == 0, err[-3000:]

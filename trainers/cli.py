@@ -20,7 +20,7 @@ import sys
 import typing
 from contextlib import redirect_stderr
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, Union
 
 from data import DataError
 
@@ -66,6 +66,16 @@ def _where(cls) -> dict[str, tuple[str, ...]]:
         else:
             out[f.name] = (f.name,)
     return out
+
+
+def _field_type(cls, name: str):
+    """The annotation of the (flat) field ``name`` of ``cls``, None if it has none."""
+    where = _where(cls).get(name)
+    if where is None:
+        return None
+    for attr in where[:-1]:
+        cls = typing.get_type_hints(cls)[attr]
+    return typing.get_type_hints(cls)[where[-1]]
 
 
 def override(cfg, **flat):
@@ -158,6 +168,8 @@ def parse(cls, argv: Sequence[str] | None, prog: str, description: str, default=
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _field_type(cls, "resume") not in (None, bool):   # --resume [auto]: a bare --resume is True
+        argv = bare_flag_means(argv, "--resume", "True")
     default = default if default is not None else cls()
     config_file = flag_value("--config", argv) if "config" in _where(cls) else None
     if config_file:
@@ -173,6 +185,17 @@ def parse(cls, argv: Sequence[str] | None, prog: str, description: str, default=
         raise UsageError(f"{_one_line(err.getvalue())} (see --help)") from None
     cfg.validate()
     return cfg
+
+
+def bare_flag_means(argv: Sequence[str], flag: str, value: str) -> list[str]:
+    """``flag`` given without a value (last, or before another flag) reads as ``flag value``:
+    ``--resume`` is ``--resume True``, while ``--resume auto`` stays as it is."""
+    out = []
+    for k, a in enumerate(argv):
+        out.append(a)
+        if a == flag and (k + 1 == len(argv) or argv[k + 1].startswith("-")):
+            out.append(value)
+    return out
 
 
 def flag_value(flag: str, argv: Sequence[str]) -> str | None:
@@ -264,7 +287,7 @@ class Run:
     out_dir: str = "runs"  # root folder of runs
     run_name: str = ""  # run folder name (default: made from the main settings, e.g. lstm-T5-h128-s0)
     seed: int = 0  # seed of the initial weights and of every random stream (data, noise)
-    resume: bool = False  # continue from the run's latest checkpoint
+    resume: Union[bool, Literal["auto"]] = False  # --resume: continue from the run's latest checkpoint; --resume auto: continue when one exists, else start fresh (for --max_restarts)
     checkpoint_every: int = 1000  # steps between checkpoints (the GAN also saves at each epoch end)
     keep_checkpoints: int = 3  # checkpoints kept (the oldest are deleted)
     progress: bool = True  # show a tqdm bar on the main process
@@ -273,6 +296,8 @@ class Run:
     def validate(self) -> None:
         for name in ("checkpoint_every", "keep_checkpoints", "dist_timeout"):
             require_at_least(getattr(self, name), 1, name)
+        if self.resume not in (True, False, "auto"):
+            raise UsageError(f"--resume takes no value, or auto; got {self.resume!r}")
 
     def folder(self, default_name: str) -> Path:
         """``<out-dir>/<run-name>``, absolute; ``default_name`` when --run-name is empty."""
@@ -281,13 +306,32 @@ class Run:
 
 def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> None:
     """Call ``main(argv)``; a UsageError becomes one line on stderr and exit code 2, a JobFailure
-    one line and exit code 1."""
+    one line and exit code 1.
+
+    Under a launcher (``accelerate launch``, torchrun: ``RANK`` is set) only the process of global
+    rank 0 prints the line: every rank meets the same bad flag or failed collective, and one line per
+    rank says nothing more. The other ranks exit with the same code, silently, after a short wait,
+    so that the launcher, which stops the whole group at the first process that exits, has not yet
+    stopped rank 0 before it printed."""
     prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "palgan"
     try:
         main(argv)
     except INPUT_ERRORS as err:
-        sys.stderr.write(f"{prog}: error: {err}\n")
-        sys.exit(2)
+        _fail(prog, err, 2)
     except JobFailure as err:
+        _fail(prog, err, 1)
+
+
+QUIET_RANK_WAIT_S = 5   # how long a rank other than 0 waits before exiting on an error rank 0 reports
+
+
+def _fail(prog: str, err: Exception, code: int) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
         sys.stderr.write(f"{prog}: error: {err}\n")
-        sys.exit(1)
+        sys.stderr.flush()
+    else:
+        import signal
+        import time
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # the launcher stopping the group ends the wait
+        time.sleep(QUIET_RANK_WAIT_S)
+    sys.exit(code)

@@ -8,6 +8,7 @@
     python trainers/gan.py sample --checkpoint runs/<run> --n 64 --out grid.png   # or --out images.pt
     python trainers/gan.py evaluate --checkpoint runs/<run>    # FID, classifier score, class histogram
     python trainers/gan.py interpolate --checkpoint runs/<run> --mode both --out runs/<run>/interp
+    python trainers/gan.py export --checkpoint runs/<run>      # runs/<run>/model: safetensors, ONNX, .pt2, card
 
 Writes <out-dir>/<run-name>/{samples/epoch_XXX.png, samples/final.png, figures/{stages,three_panel,
 losses}.png, metrics.json, checkpoints/step_*/}. --batch-size is per process: with N processes the
@@ -31,7 +32,8 @@ from tqdm.auto import tqdm
 from data.mnist import load_mnist, to_unit_range
 from models.dcgan import ALL_REDUCE_STATS, LATENT_DIM, Discriminator, Generator, synchronise_batchnorm
 from trainers import debug
-from trainers.checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from trainers.checkpoint import (elastic_batch, full_disk_is_one_line, load_checkpoint, read_meta, restart_note,
+                                 resume_point, save_checkpoint)
 from trainers.cli import (Log, Run, UsageError, build, check_choices, flag_value, flatten, from_saved, override, parse,
                           read_config_file, require_at_least, require_non_negative, require_positive, run_cli)
 from trainers.files import write_json_atomic
@@ -45,7 +47,7 @@ from trainers.tracking import start_tracker
 
 PRESETS = {"paper": "the report's configuration", "cpu-demo": "minutes on a CPU"}   # trainers/configs/<name>.yaml
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate")
+SUBCOMMANDS = ("train", "sample", "evaluate", "interpolate", "export")
 GRID_SIDE = 8            # fixed-noise grids are 8 x 8
 DATA_STREAM = 1_001      # seed keys: every random stream is a pure function of (seed, key, ...)
 NOISE_STREAM = 1_002
@@ -53,7 +55,7 @@ FIXED_STREAM = 1_003
 STOP_CHECK_EVERY = 10    # iterations between checks of a SIGTERM/SIGINT (an all-reduce and a host sync)
 SUMMARY_KEYS = ("steps", "epochs_done", "finished", "wall_time_s", "train_images_per_s", "eval_time_s",
                 "skipped_steps_d", "skipped_steps_g")   # metrics.json numbers the run's summary repeats
-RESUME_MUST_MATCH = ("base_channels", "latent_dim", "batch_size", "train_subset", "seed", "ema_decay")
+RESUME_MUST_MATCH = ("base_channels", "latent_dim", "train_subset", "seed", "ema_decay")   # the global batch too
 
 
 # --- config: the defaults are the report's configuration (the paper preset) ---------------------
@@ -101,7 +103,7 @@ class Eval:
 
 @dataclass
 class GANConfig:
-    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate (train is the default)."""
+    """Train the DCGAN on MNIST. Subcommands: sample, evaluate, interpolate, export (train is the default)."""
     preset: Literal["auto", "paper", "cpu-demo"] = "auto"  # paper, cpu-demo, or auto: paper on CUDA, cpu-demo otherwise
     config: str = ""  # a YAML or JSON file of flag values (as trainers/configs/*.yaml), read after the preset
     data: Data = field(default_factory=Data)
@@ -273,16 +275,30 @@ def train(cfg: GANConfig, on_stage: Callable[[int, dict, Path], str | None] | No
     trains no further: it writes its record, ended for that reason, from its checkpoint."""
     cfg.validate()
     with hold_run_dir(cfg.run_dir, cfg.run.resume):   # one writer per run folder
-        resume_from = latest_checkpoint(cfg.run_dir / "checkpoints") if cfg.run.resume else None
-        saved = read_meta(resume_from).get("config", {}) if resume_from is not None else {}
+        resume_from = resume_point(cfg.run_dir / "checkpoints", cfg.run.resume)
+        meta = read_meta(resume_from) if resume_from is not None else {}
+        saved, world = meta.get("config", {}), launched_processes()
         for name in RESUME_MUST_MATCH:
             if name in saved and saved[name] != flatten(cfg)[name]:
                 raise UsageError(f"--resume: the checkpoint was trained with --{name.replace('_', '-')} "
                                  f"{saved[name]}, not {flatten(cfg)[name]}; pass the same value")
+        note = None
+        if resume_from is not None:   # on another number of processes: the same global batch
+            batch, note = elastic_batch(resume_from, meta, cfg.optim.batch_size, world)
+            cfg = override(cfg, batch_size=batch)
         images = load_train_images(cfg)
+        if note:   # the same global batch gives the same epoch length, or the step no longer names the epoch
+            before = iterations_per_epoch(len(images), saved["batch_size"], int(meta.get("processes") or 1))
+            if iterations_per_epoch(len(images), batch, world) != before:
+                raise UsageError(f"--resume: on {world} processes an epoch of {len(images)} images has "
+                                 f"{iterations_per_epoch(len(images), batch, world)} iterations, not the "
+                                 f"checkpoint's {before}; resume on {meta.get('processes') or 1} processes")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{cfg.name}: {note}{restart_note()}", flush=True)
         if cfg.optim.num_threads:
             torch.set_num_threads(cfg.optim.num_threads)
-        with collective_failures(launched_processes(), cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
+        with full_disk_is_one_line(cfg.run_dir / "checkpoints"), \
+                collective_failures(world, cfg.run.dist_timeout, cfg.run_dir / "checkpoints"):
             return _train(cfg, images, resume_from, on_stage, stop_reason)
 
 
@@ -309,8 +325,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_st
         G, D = synchronise_batchnorm(G, device.type), synchronise_batchnorm(D, device.type)
     if o.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    # fused: one kernel for all of a model's parameters; on a CPU 3-13x faster than Adam's default
-    # per-parameter loop (benchmarks/gan_speed.py --variants all), the same update to rounding.
+    # fused: one kernel for all of a model's parameters instead of Adam's per-parameter loop; the same
+    # update to rounding (benchmarks/gan_speed.py measures the loop against the example's default Adam).
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), fused=True)
     opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d or o.lr, betas=(o.beta1, o.beta2), fused=True)
     G, D, opt_g, opt_d = accelerator.prepare(G, D, opt_g, opt_d)
@@ -324,15 +340,18 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_st
     G_plain, D_plain = accelerator.unwrap_model(G), accelerator.unwrap_model(D)
     images = images.to(device)   # MNIST (188 MB as fp32) fits on any GPU: no host copy per batch
 
-    start, clock = 0, Clock()
+    start, clock, resumed = 0, Clock(), {}
     if resume_from is not None:
         meta = load_checkpoint(accelerator, resume_from)
+        resumed = {"resumed_from_processes": meta.get("processes", 1),   # for debug.json: the weights as loaded
+                   "loaded": debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values())
+                   if debug.enabled() else 0}
         start, extra = meta["step"], meta["extra"]
         clock = Clock(history=extra["history"], wall_before=extra["wall_time"], **extra["record"])
         for opt, lr in ((opt_g, o.lr), (opt_d, o.lr_d or o.lr)):   # this job's flags win over the state's copy
             for group in opt.param_groups:
                 group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
-        accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name})")
+        accelerator.print(f"resuming {run_dir.name} from iteration {start} ({resume_from.name}){restart_note()}")
 
     tracker = start_tracker(accelerator, cfg.log.wandb_project, cfg.name, config, run_dir, cfg.log.wandb_group or None,
                             job_type=cfg.log.wandb_job_type, tags=[cfg.preset, f"b{cfg.model.base_channels}"],
@@ -459,7 +478,8 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_st
     equal_buffers()
     gen = sampler()
     metrics = {"steps": step, "epochs_done": step / iters, "iterations_per_epoch": iters, "finished": finished,
-               "processes": world, "preset": cfg.preset, "stages": clock.stages, "config": config,
+               "processes": world, **({"resumed_from_processes": resumed["resumed_from_processes"]} if resumed else {}),
+               "preset": cfg.preset, "stages": clock.stages, "config": config,
                "stop_reason": reason or ("completed" if finished else "interrupted"),
                "train_images_per_s": round((step - start) * o.batch_size * world / max(train_time, 1e-9), 1),
                "skipped_steps_d": clock.skipped_d, "skipped_steps_g": clock.skipped_g}
@@ -479,9 +499,13 @@ def _train(cfg: GANConfig, images: torch.Tensor, resume_from: Path | None, on_st
                  weights=debug.fingerprint(*G_plain.state_dict().values(), *D_plain.state_dict().values()),
                  first_batch=debug.fingerprint(epoch_batches(cfg, len(images), rank, world, 1)[0]),
                  bn_allreduce_calls=ALL_REDUCE_STATS["calls"], bn_allreduce_ms=int(1000 * ALL_REDUCE_STATS["seconds"]),
-                 train_ms=int(1000 * train_time))
+                 train_ms=int(1000 * train_time), loaded_weights=resumed.get("loaded", 0))
     if accelerator.is_main_process:
         write_json_atomic(run_dir / "metrics.json", metrics)
+    if finished:   # the exported generator as a wandb model artifact (rank 0 with wandb; else nothing)
+        from trainers.gan_export import artifact_metadata, export_generator
+        tracker.log_model(lambda folder: export_generator(gen, config, metrics, step, folder),
+                          metadata=artifact_metadata(metrics))
     tracker.summary({k: metrics[k] for k in SUMMARY_KEYS})   # end-of-run numbers (final/* come from the evaluation)
     accelerator.wait_for_everyone()
     tracker.finish()   # every rank: Accelerate's end_training tears down the process group: no collective after it
@@ -523,6 +547,9 @@ def main(argv: Sequence[str] | None = None):
     if command == "interpolate":
         from trainers.gan_interpolate import interpolate_main
         return interpolate_main(argv)
+    if command == "export":
+        from trainers.gan_export import export_main
+        return export_main(argv)
     cfg = parse_train_args(argv)
     metrics = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -172,8 +172,10 @@ def collective_failures(world: int, timeout: float, ckpt_dir: Path | None):
                "stuck": f"a collective waited more than --dist-timeout {timeout:g}s for another rank: it is "
                         "stuck or gone, or its work alone took longer (raise --dist-timeout)",
                "mismatch": "the ranks called different collectives (TORCH_DISTRIBUTED_DEBUG=DETAIL found it)"}[cause]
-        raise JobFailure(f"a collective across the {world} processes failed ({first}): {why}; "
-                         f"{kept}rerun the same launch command with --resume") from None
+        from trainers.checkpoint import restarts_left
+        then = ("the launcher restarts the job, and --resume auto continues from the last checkpoint"
+                if restarts_left() else "rerun the same launch command with --resume")
+        raise JobFailure(f"a collective across the {world} processes failed ({first}): {why}; {kept}{then}") from None
 
 
 class Shards:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 def wandb_installed() -> bool:
@@ -73,6 +74,10 @@ class NullTracker:
 
     def summary(self, values: dict[str, Any]) -> None:
         """End-of-run numbers: the run summary, not one-point history series."""
+
+    def log_model(self, write: Callable[[Path], Any], aliases: Sequence[str] = ("latest", "best"),
+                  metadata: dict[str, Any] | None = None) -> None:
+        """A ``model`` artifact: the folder ``write(folder)`` fills (an export), with ``aliases``."""
 
     def finish(self) -> None:
         if self.accelerator is not None:
@@ -141,6 +146,23 @@ class WandbTracker(NullTracker):
 
     def summary(self, values):
         self.run.summary.update(dict(values))
+
+    def log_model(self, write, aliases=("latest", "best"), metadata=None):
+        """One version of the artifact ``model-<run id>`` per call (Lightning's and transformers' name).
+        ``add_dir`` copies each file into wandb's staging folder at once, so the folder is temporary;
+        offline, ``wandb sync`` uploads the staged files with the run."""
+        import wandb
+        from trainers.cli import UsageError
+        with tempfile.TemporaryDirectory(prefix="palgan-model-") as tmp:
+            folder = Path(tmp) / "model"
+            try:
+                write(folder)
+            except UsageError as err:   # the [export] packages are missing: the run itself is complete
+                print(f"wandb model artifact skipped: {err}", flush=True)
+                return
+            artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata=dict(metadata or {}))
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact, aliases=list(aliases))
 
 
 def precision_tag(mixed_precision: str | None) -> str:

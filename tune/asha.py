@@ -6,7 +6,9 @@ T=5 and stop the hard tasks first, which would bias the very curve the sweep is 
 trials of one task, the ones whose validation accuracy falls below the rung's cutoff stop early.
 
 Two more rules, for a sweep that maps where each model stops learning:
-- a floor: a trial still below ``floor_acc`` at ``floor_step`` or later is culled whatever its
+- a floor: a trial still below ``floor_acc`` at ``floor_step`` or later (with ``floor_length``, at
+  ``floor_step * T / floor_length`` for a T above it, at most half of ``max_t``: the time a long
+  palindrome's trial spends at chance before it learns grows with T) is culled whatever its
   grid point's other trials do (a grid point where no trial learns would otherwise keep its best
   chance-level trial to the end);
 - with ``cull_dir`` set, a culled trial is not killed: the scheduler writes its verdict to
@@ -34,11 +36,11 @@ class GroupedASHA(FIFOScheduler):
 
     def __init__(self, group_keys: tuple[str, ...], metric: str, mode: str, time_attr: str,
                  max_t: int, grace_period: int, reduction_factor: float, floor_acc: float = 0.0,
-                 floor_step: int = 0, cull_dir: str | None = None):
+                 floor_step: int = 0, cull_dir: str | None = None, floor_length: int = 0):
         super().__init__()
         self.group_keys = group_keys
         self.floor_metric, self.floor_time_attr = metric, time_attr
-        self.floor_acc, self.floor_step = floor_acc, floor_step
+        self.floor_acc, self.floor_step, self.floor_length = floor_acc, floor_step, floor_length
         self.cull_dir = cull_dir
         # stop_last_trials=False: no STOP at max_t, so a trial that reaches it lets its trainer
         # return normally (final metrics.json, figures, wandb run closed) instead of being cut off.
@@ -72,7 +74,7 @@ class GroupedASHA(FIFOScheduler):
         verdict = CULLED_BY_ASHA
         metric, clock = self.floor_metric, self.floor_time_attr
         if (action != TrialScheduler.STOP and self.floor_acc > 0 and metric in result
-                and result.get(clock, 0) >= self.floor_step and result[metric] < self.floor_acc):
+                and result.get(clock, 0) >= self.floor_step_of(trial) and result[metric] < self.floor_acc):
             action = TrialScheduler.STOP
             verdict = f"{CULLED_BY_ASHA}: below {self.floor_acc:g} at step {result[clock]}"
         if action == TrialScheduler.STOP:
@@ -81,6 +83,12 @@ class GroupedASHA(FIFOScheduler):
                 write_text_atomic(Path(self.cull_dir) / trial.trial_id, verdict + "\n")
                 return TrialScheduler.CONTINUE   # the trial reads the verdict and ends itself
         return action
+
+    def floor_step_of(self, trial) -> float:
+        t = trial.config.get("seq_length", 0)
+        if not self.floor_length or t <= self.floor_length:
+            return self.floor_step
+        return max(self.floor_step, min(self.floor_step * t / self.floor_length, self.asha_kwargs["max_t"] / 2))
 
     def on_trial_complete(self, tune_controller, trial, result: Dict):
         self._asha(tune_controller, trial).on_trial_complete(tune_controller, trial, result)

@@ -1,6 +1,6 @@
 """Ray Tune sweep of the palindrome trainer: how far back each model remembers (its horizon in T).
 
-    python tune/lstm_sweep.py                                 # the experiment: <= 60 min on a 2-core CPU
+    python tune/lstm_sweep.py                                 # the experiment: <= 30 min on a 2-core CPU
     python tune/lstm_sweep.py --quick                         # <= 5 min: one T the LSTM solves and the RNN not
     python tune/lstm_sweep.py --input-encoding scalar --name lstm-sweep-scalar   # the 1-d input's map
     python tune/lstm_sweep.py --address HEAD:6379 --gpus-per-trial 0.25   # join a running Ray cluster
@@ -11,14 +11,24 @@ point (model, T) gets --num-samples draws of hidden_dim and lr (and, in turn, th
 bias), each with its own seed. A trial ends as soon as its question is answered: solved (>=
 --solved-acc at --solve-patience validations in a row), culled by ASHA against the other draws of its
 grid point or for staying below --floor-acc, or at --steps; its metrics.json and wandb run say which.
+A model is an architecture and, for the RNN, the init of its W_hh (rnn, rnn-orthogonal, rnn-identity).
+
+After its grid, each model's T is extended upward (tune/horizon.py: doubling, then bisecting between
+the last solved and the first failed T) with --horizon-draws seeds of the best configuration at the
+last solved T, until it fails with every draw; each model's next cell starts as soon as its own
+trials have ended (tune/horizon_search.py). The report gives each horizon as "solved at T_s, failed
+at T_f with n draws".
 
 Writes <out-dir>/sweeps/<name>/: sweep.json (the flags), tune/ (Ray's experiment state), trials/<run>/
 (the trainer's run folders) and, once every trial has ended, the report (tune/report.py).
 """
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,8 +41,8 @@ from trainers.cli import (UsageError, check_choices, flatten, from_saved, overri
 from trainers.lstm import LSTMConfig, train
 from tune import common, report
 from tune.common import Floats, Ints, check_list, listing
+from tune.horizon import MODELS, arch, cell_results, next_cell, rnn_init
 
-MODELS = ("lstm", "rnn")
 METRIC = "val/acc"              # what ASHA compares
 TIME_ATTR = "step"              # ASHA's clock: the trainer step of each report
 ATTEMPTS = "attempts.jsonl"     # one line per start of a trial's trainer (first start or resume)
@@ -42,21 +52,24 @@ RECORDED = "recorded"           # <sweep>/recorded/<trial id>: the last step Tun
 
 # --- config ----------------------------------------------------------------------------------
 
-Models = Annotated[tuple[str, ...], listing(str, "{lstm,rnn}")]
+Models = Annotated[tuple[str, ...], listing(str, "{" + ",".join(MODELS) + "}")]
 
 
 @dataclass
 class Search:
     """search space"""
-    models: Models = MODELS  # models to sweep
-    lstm_seq_lengths: Ints = (20, 30, 50, 100, 200, 300, 400)  # the LSTM's grid of palindrome lengths T
-    rnn_seq_lengths: Ints = (10, 20, 30, 40, 50, 60, 80)  # the RNN's grid of palindrome lengths T
+    models: Models = MODELS  # models to sweep (rnn-orthogonal, rnn-identity: the RNN with that W_hh init)
+    lstm_seq_lengths: Ints = (50, 100, 200, 400)  # the LSTM's grid of palindrome lengths T (the extension goes on)
+    rnn_seq_lengths: Ints = (10, 30, 60)  # the RNNs' grid of palindrome lengths T (the extension goes on)
     seq_lengths: Ints = ()  # one grid of T for every model, in place of the two above
     hidden_dims: Ints = (32, 64)  # hidden sizes drawn from (uniformly)
     lr_min: float = 7e-4  # lower end of the log-uniform learning-rate range
     lr_max: float = 2e-3  # upper end of the log-uniform learning-rate range
     forget_biases: Floats = (3.0, 5.0, 7.0)  # LSTM forget-gate biases; a grid point's draws take them in turn
     num_samples: int = 3  # draws per grid point (model, T), each with its own seed
+    horizon_draws: int = 4  # past the grid: draws per T, and at least this many at the first failed T (0: no extension)
+    horizon_resolution: float = 1.25  # stop bisecting once the first failed T is within this factor of the last solved
+    max_seq_length: int = 4000  # the longest T the extension tries
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Scheduling(common.Resources):
     reduction_factor: float = 3.0  # ASHA: keep the top 1/rf of a grid point's trials at each rung
     floor_acc: float = 0.15  # cull a trial below this val accuracy from --floor-step on (chance: 0.1; 0: off)
     floor_step: int = 750  # the step from which --floor-acc applies
+    floor_length: int = 100  # above this T the floor starts later: --floor-step x T / --floor-length, at most --steps / 2 (0: never)
 
 
 @dataclass
@@ -106,12 +120,16 @@ class SweepConfig:
                 raise UsageError(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
             lengths_of(self, m)
         check_list(s.hidden_dims, "hidden_dims", low=1)
+        require_at_least(s.horizon_draws, 0, "horizon_draws")
+        require_at_least(s.max_seq_length, 2, "max_seq_length")
+        if not s.horizon_resolution > 1:
+            raise UsageError(f"--horizon-resolution must be > 1, got {s.horizon_resolution}")
         check_list(s.forget_biases, "forget_biases")
         for name, value in (("lr_min", s.lr_min), ("lr_max", s.lr_max), ("cpus_per_trial", sch.cpus_per_trial)):
             require_positive(value, name)
         require_non_negative(sch.gpus_per_trial, "gpus_per_trial")
         for low, names in ((1, ("num_samples", "steps", "eval_every", "batch_size", "val_size", "grace_period",
-                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus"))):
+                                "floor_step")), (0, ("solve_patience", "max_failures", "num_cpus", "floor_length"))):
             for name in names:
                 require_at_least(flatten(self)[name], low, name)
         for ok, why in ((s.lr_min < s.lr_max, f"the lr range is empty or inverted (--lr-min {s.lr_min:g} >= "
@@ -132,7 +150,9 @@ class SweepConfig:
 
 # The quick preset: one T both models learn and two beyond the RNN's horizon, where the LSTM with a
 # forget bias of 5 solves within a few hundred to a thousand steps. Flags given still apply.
-QUICK = dict(lstm_seq_lengths=(10, 50, 100), rnn_seq_lengths=(10, 50, 100), forget_biases=(5.0,), num_samples=2,
+# Its extension stops at T=100 and bisects the RNN's gap to within x2.
+QUICK = dict(models=("lstm", "rnn"), lstm_seq_lengths=(10, 50, 100), rnn_seq_lengths=(10, 50, 100),
+             forget_biases=(5.0,), num_samples=2, horizon_draws=2, horizon_resolution=2.0, max_seq_length=100,
              steps=2000, eval_every=100, grace_period=300, floor_step=500, val_size=2000, name="quick")
 
 
@@ -142,8 +162,8 @@ def parse_sweep(argv: Sequence[str] | None, prog: str, description: str) -> Swee
 
 
 def lengths_of(sc: SweepConfig, model: str) -> list[int]:
-    """The grid of T for ``model``: --seq-lengths when given, else the model's own grid."""
-    name = "seq_lengths" if sc.search.seq_lengths else f"{model}_seq_lengths"
+    """The grid of T for ``model``: --seq-lengths when given, else its architecture's own grid."""
+    name = "seq_lengths" if sc.search.seq_lengths else f"{arch(model)}_seq_lengths"
     check_list(getattr(sc.search, name), name, low=2)
     return sorted(set(getattr(sc.search, name)))
 
@@ -158,7 +178,8 @@ def trial_config(config: dict, trial_id: str) -> LSTMConfig:
     """A trial's trainer config: its Tune config names LSTMConfig fields (the sweep's fixed settings
     and the sampled point); its run folder is named after the point and the trial id."""
     cfg = from_saved(LSTMConfig, config)
-    return override(cfg, run_name=f"{cfg.model.model}-T{cfg.data.seq_length}-h{cfg.model.hidden_dim}-{trial_id}")
+    model = config.get("sweep_model", cfg.model.model)   # rnn-identity for --model rnn --rnn-init identity
+    return override(cfg, run_name=f"{model}-T{cfg.data.seq_length}-h{cfg.model.hidden_dim}-{trial_id}")
 
 
 def lost_reports(run_dir: Path, recorded: int) -> list[dict]:
@@ -240,11 +261,10 @@ def run_trial(config: dict) -> None:
 
 
 def trial_dirname(trial) -> str:
-    point = trial.config.get("point", trial.config)   # the grid entry: resolved before the rest of the config
-    return f"{point['model']}-T{point['seq_length']}-{trial.trial_id}"
+    return f"{trial.config['sweep_model']}-T{trial.config['seq_length']}-{trial.trial_id}"
 
 
-# --- the search space and its resources ----------------------------------------------------------
+# --- the search: the grid, then each model's extension -----------------------------------------------
 
 def fixed_trial_settings(sc: SweepConfig) -> dict:
     """LSTMConfig fields shared by every trial (in the param space, so --resume keeps them)."""
@@ -256,54 +276,84 @@ def fixed_trial_settings(sc: SweepConfig) -> dict:
                 progress=False, num_threads=max(1, int(sc.scheduling.cpus_per_trial)))
 
 
+def point(model: str, t: int, draw: int, seed: int, forget_bias: float, hidden_dim: int, lr: float,
+          round_: int = 0) -> dict:
+    """One trial's entry: its sweep model (and the trainer's --model and --rnn-init), T, draw, seed,
+    its configuration, and ``round`` (0: the grid; k: the model's k-th cell past it)."""
+    return {"sweep_model": model, "model": arch(model), "rnn_init": rnn_init(model), "seq_length": t, "draw": draw,
+            "seed": seed, "forget_bias": forget_bias if arch(model) == "lstm" else LSTMConfig().model.forget_bias,
+            "hidden_dim": hidden_dim, "lr": lr, "round": round_}
+
+
 def grid_points(sc: SweepConfig) -> list[dict]:
     """One entry per trial: (model, T, draw k) with seed + k, the LSTM's draw k with the k-th forget
-    bias in turn. The costliest grid points come first (longest T, the LSTM before the RNN), so the
-    long trials do not all start at the end; a grid point's draws are next to each other, so ASHA
-    compares them early."""
-    biases = sc.search.forget_biases
-    points = [{"model": m, "seq_length": t, "draw": k, "seed": sc.trial.seed + k,
-               "forget_bias": biases[k % len(biases)] if m == "lstm" else LSTMConfig().model.forget_bias}
-              for m in dict.fromkeys(sc.search.models) for t in lengths_of(sc, m) for k in range(sc.search.num_samples)]
-    return sorted(points, key=lambda p: (-p["seq_length"], p["model"], p["draw"]))
+    bias in turn, hidden_dim and lr drawn (uniform, log-uniform) from --seed. The costliest grid points
+    come first (longest T, the LSTM before the RNN), so the long trials do not all start at the end;
+    a grid point's draws are next to each other, so ASHA compares them early."""
+    s, rng = sc.search, random.Random(sc.trial.seed)
+    cells = sorted(((m, t, k) for m in dict.fromkeys(s.models) for t in lengths_of(sc, m) for k in range(s.num_samples)),
+                   key=lambda c: (-c[1], c[0], c[2]))
+    return [point(m, t, k, sc.trial.seed + k, s.forget_biases[k % len(s.forget_biases)],
+                  hidden_dim=rng.choice(hidden_dims(sc)),
+                  lr=math.exp(rng.uniform(math.log(s.lr_min), math.log(s.lr_max)))) for m, t, k in cells]
+
+
+def extension_points(sc: SweepConfig, rows: list[dict], models: Sequence[str] | None = None) -> list[dict]:
+    """The next cell past the grid (tune/horizon.py's rule on each model's results so far) of each of
+    ``models`` (default: all) whose horizon is not found yet: the draws of its next T, each a new seed
+    of the best configuration (hidden_dim, lr, forget bias) at its longest solved T. Empty: found."""
+    s, points = sc.search, []
+    if not s.horizon_draws:
+        return points
+    for model in dict.fromkeys(models or s.models):
+        results = cell_results(rows, model, report.SOLVED)
+        cell = next_cell(results, s.horizon_draws, s.horizon_resolution, s.max_seq_length)
+        if cell is None:
+            continue
+        t, add = cell
+        t_s = max(x for x, (solved, _) in results.items() if solved)
+        best = report.best_per_cell(rows)[model, t_s]
+        ran, round_ = results.get(t, (0, 0))[1], 1 + max(r["round"] for r in rows if r["model"] == model)
+        points += [point(model, t, k, sc.trial.seed + k, best["forget_bias"] or 0.0, hidden_dim=best["hidden_dim"],
+                         lr=best["lr"], round_=round_) for k in range(ran, ran + add)]
+    return points
+
+
+def extend(sc: SweepConfig, rows: list[dict], model: str) -> list[dict]:
+    """HorizonSearch's question: ``model``'s next points, each a checked trial config."""
+    points = extension_points(sc, rows, [model])
+    for p in points:
+        trial_config({**fixed_trial_settings(sc), **p}, "check").validate()
+    return points
 
 
 def check_trial_configs(sc: SweepConfig) -> None:
-    """Validate a trial config at each corner of the space before any worker starts."""
-    fixed = fixed_trial_settings(sc)
-    for point in grid_points(sc):
-        for hidden in hidden_dims(sc):
-            for lr in (sc.search.lr_min, sc.search.lr_max):
-                trial_config({**fixed, **point, "hidden_dim": hidden, "lr": lr}, "check").validate()
+    """Validate every grid trial's config before any worker starts."""
+    for p in grid_points(sc):
+        trial_config({**fixed_trial_settings(sc), **p}, "check").validate()
 
 
 def build_tuner(sc: SweepConfig, trainable, callbacks=None, verbose: int = 1):
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     from tune.asha import GroupedASHA
+    from tune.horizon_search import HorizonSearch
     from tune.record import RecordedSteps
 
-    s, sch = sc.search, sc.scheduling
-    param_space = {   # one grid entry per trial; its fields are copied to the top level of the trial's config
-        "point": tune.grid_search(grid_points(sc)),
-        **{key: tune.sample_from(lambda config, key=key: config["point"][key])
-           for key in ("model", "seq_length", "draw", "seed", "forget_bias")},
-        "hidden_dim": tune.choice(hidden_dims(sc)),
-        "lr": tune.loguniform(s.lr_min, s.lr_max),
-        **fixed_trial_settings(sc),
-    }
-    scheduler = GroupedASHA(("model", "seq_length"), metric=METRIC, mode="max", time_attr=TIME_ATTR,
+    sch = sc.scheduling
+    search = HorizonSearch(grid_points(sc), list(dict.fromkeys(sc.search.models)), functools.partial(extend, sc),
+                           metric=METRIC, mode="max")
+    scheduler = GroupedASHA(("sweep_model", "seq_length"), metric=METRIC, mode="max", time_attr=TIME_ATTR,
                             max_t=sc.trial.steps, grace_period=sch.grace_period,
                             reduction_factor=sch.reduction_factor, floor_acc=sch.floor_acc,
-                            floor_step=sch.floor_step, cull_dir=str(sc.sweep_dir / CULLED))
+                            floor_step=sch.floor_step, floor_length=sch.floor_length,
+                            cull_dir=str(sc.sweep_dir / CULLED))
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=fixed_trial_settings(sc),   # each trial's point comes from the search
         # reuse_actors: a trial starts in the worker process of a finished one (torch, the model's
         # TorchScript and the C++ kernels already loaded) instead of a fresh one
-        tune_config=tune.TuneConfig(num_samples=1, scheduler=scheduler, reuse_actors=True,
-                                    search_alg=BasicVariantGenerator(random_state=sc.trial.seed),
+        tune_config=tune.TuneConfig(num_samples=-1, scheduler=scheduler, reuse_actors=True, search_alg=search,
                                     trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=str(sc.sweep_dir), verbose=verbose,
                                   callbacks=[*(callbacks or []), RecordedSteps(str(sc.sweep_dir / RECORDED),

@@ -1,5 +1,6 @@
 """The report of a finished sweep, read back from its folder: each model's horizon (the largest T at
-which some draw reached 99% on the fixed validation set) and the best accuracy per model and T.
+which some draw reached 99% on the fixed validation set, and the first T above it where every draw
+failed) and the best accuracy per model and T.
 
     python tune/report.py runs/sweeps/lstm-sweep              # (re)write the report of a finished sweep
     python tune/report.py runs/sweeps/quick --no-wandb        # ... without the wandb summary run
@@ -26,12 +27,12 @@ from trainers.cli import UsageError, flatten, from_saved, parse, run_cli
 from trainers.figures import plt, save_figure
 from trainers.files import write_json_atomic, write_text_atomic
 from trainers.lstm import NUM_CLASSES, LSTMConfig
+from tune.horizon import LABELS, cell_results, describe, horizon, model_of
 
 SOLVED = 0.99   # validation accuracy that defines a model's horizon and each trial's steps_to_99
 CHANCE = 1.0 / NUM_CLASSES
-LABELS = {"rnn": "Vanilla RNN", "lstm": "LSTM"}   # also the order of the tables' rows
 UNFINISHED = ("pending", "running", "paused")     # statuses of the trials an interrupted sweep left
-RESULT_COLUMNS = ("trial_id", "model", "seq_length", "draw", "hidden_dim", "lr", "forget_bias", "status", "steps",
+RESULT_COLUMNS = ("trial_id", "model", "round", "seq_length", "draw", "hidden_dim", "lr", "forget_bias", "status", "steps",
                   "best_val_acc", "best_step", "steps_to_99", "steps_to_solve", "val_acc", "val_loss", "train_acc",
                   "train_loss", "time_s", "run_dir")
 # flags of a trial's config that best.json's command leaves out (where the rerun writes, and how it shows)
@@ -47,7 +48,8 @@ def read_metrics(run_dir: Path | None) -> dict:
 
 def collect_rows(sweep_dir: Path) -> list[dict]:
     """One row per trial, from Tune's record of it (its config and every report) and the trainer's
-    metrics.json (how it ended); each row also holds the trial's LSTMConfig."""
+    metrics.json (how it ended); each row also holds the trial's LSTMConfig. ``round``: 0 for the
+    grid, k for the model's k-th cell past it."""
     from ray.tune import ExperimentAnalysis
 
     analysis, rows = ExperimentAnalysis(str(Path(sweep_dir) / "tune")), []
@@ -60,7 +62,7 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
         metrics = read_metrics(run_dir)
         scored = [(float(r["val/acc"]), int(r["step"])) for r in reports if not math.isnan(r.get("val/acc", math.nan))]
         best = max(scored, key=lambda a_s: (a_s[0], -a_s[1]), default=(None, None))   # earliest step of the best
-        row = {"trial_id": trial.trial_id, "model": config["model"], "seq_length": config["seq_length"],
+        row = {"trial_id": trial.trial_id, "model": model_of(config), "round": config.get("round", 0), "seq_length": config["seq_length"],
                "draw": config.get("draw", 0), "hidden_dim": config["hidden_dim"], "lr": config["lr"],
                "forget_bias": config["forget_bias"] if config["model"] == "lstm" else None,
                "status": ("failed" if trial.status == "ERROR" else trial.status.lower() if trial.status != "TERMINATED"
@@ -98,14 +100,15 @@ def best_per_cell(rows: list[dict]) -> dict[tuple[str, int], dict]:
 
 
 def horizons(rows: list[dict]) -> dict[str, dict]:
-    """model -> its horizon: the largest T of its grid at which some trial reached SOLVED, that
-    trial, and the next T of the grid beyond it with its best accuracy (None: the grid ends there)."""
+    """model -> its horizon: the largest T it ran at which some trial reached SOLVED, that trial,
+    and the next T it ran beyond it (where every draw failed) with its draws and best accuracy
+    (None: it ran nothing beyond); ``text``: "solved at T_s, failed at T_f with n draws"."""
     best, out = best_per_cell(rows), {}
     for model, grid in grids(rows).items():
-        solved = [t for t in grid if (model, t) in best and best[model, t]["best_val_acc"] >= SOLVED]
-        horizon = max(solved, default=None)
-        nxt = min((t for t in grid if horizon is None or t > horizon), default=None)
-        out[model] = {"horizon": horizon, "trial": best.get((model, horizon)), "next": nxt, "grid": grid,
+        h = horizon(cell_results(rows, model, SOLVED))
+        nxt = h["failed"]
+        out[model] = {"horizon": h["solved"], "trial": best.get((model, h["solved"])), "next": nxt, "grid": grid,
+                      "next_draws": h["draws"], "text": describe(h),
                       "next_acc": best[model, nxt]["best_val_acc"] if (model, nxt) in best else None}
     return out
 
@@ -131,7 +134,7 @@ def markdown(columns: list[str], body: list[list[str]]) -> list[str]:
 def horizon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Each model's horizon with the config that got there, and what happened one T beyond."""
     columns = ["Model", f"Horizon (largest T with >= {100 * SOLVED:.0f}%)", "Best val acc there",
-               f"Steps to {100 * SOLVED:.0f}%", "Config", "Next T of the grid: best val acc"]
+               f"Steps to {100 * SOLVED:.0f}%", "Config", "First failed T above: draws, best val acc", "In words"]
     body = []
     for model, h in horizons(rows).items():
         r = h["trial"]
@@ -139,8 +142,8 @@ def horizon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([LABELS[model], "none" if r is None else f"T={h['horizon']}", pct(r and r["best_val_acc"]),
                      "n/a" if r is None else str(r["steps_to_99"]),
                      "n/a" if r is None else f"hidden {r['hidden_dim']}, lr {r['lr']:.2g}{fb}, seed draw {r['draw']}",
-                     f"T={h['next']}: {pct(h['next_acc'])}" if h["next"] is not None
-                     else f"none: the grid ends at T={max(h['grid'])}"])
+                     f"T={h['next']}: {h['next_draws']} draws, best {pct(h['next_acc'])}" if h["next"] is not None
+                     else f"none: the sweep ends at T={max(h['grid'])}", h["text"]])
     return columns, body
 
 
@@ -154,7 +157,7 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         draws = [[r for r in rows if r["model"] == m and r["seq_length"] == t] for t in lengths]
         out.append([f"{LABELS[m]}: draws >= {100 * SOLVED:.0f}%"] +
                    [f"{sum((r['best_val_acc'] or 0) >= SOLVED for r in d)}/{len(d)}" if d else "-" for d in draws])
-    if len(grid) == 2:
+    if "lstm" in grid and "rnn" in grid:
         out.append(["LSTM - RNN"] + ["-" if a is None or b is None else f"{100 * (a - b):+.2f} pp"
                                      for a, b in zip(acc["lstm"], acc["rnn"])])
     return ["Model"] + [f"T={t}" for t in lengths], out
@@ -178,8 +181,15 @@ def table_markdown(rows: list[dict], f: dict, wall_s: float | None = None) -> st
                            if "lstm" in grids(rows) else "") +
              f"; up to {f['steps']} steps of batch {f['batch_size']}, solved at {100 * f['solved_acc']:g}% held for "
              f"{f['solve_patience']} validations (every {f['eval_every']} steps), culled by ASHA per grid point or "
-             f"below {100 * f['floor_acc']:g}% from step {f['floor_step']}; fixed validation set of {f['val_size']} "
-             f"palindromes per T. Chance is {100 * CHANCE:.0f}%. -: not on that model's grid.", "",
+             f"below {100 * f['floor_acc']:g}% from step {f['floor_step']}" +
+             (f" (x T/{f['floor_length']} above T={f['floor_length']}, at most from step {f['steps'] // 2})"
+              if f.get("floor_length") else "") +
+             f"; fixed validation set of {f['val_size']} "
+             f"palindromes per T. Chance is {100 * CHANCE:.0f}%. -: not run for that model." +
+             (f" Past the grid, each model's T was extended (doubling, then bisecting between the last solved and "
+              f"the first failed T, to within x{f['horizon_resolution']:g}) with {f['horizon_draws']} seeds of the best "
+              "configuration at its longest solved T, and the first failed T given at least as many draws."
+              if f.get("horizon_draws") else ""), "",
              *markdown(*table_rows(rows)), "",
              f"Fewest steps any draw needed to reach {100 * SOLVED:.0f}% validation accuracy (checked every "
              f"{f['eval_every']} steps; never: no draw got there):", ""]
@@ -201,13 +211,12 @@ def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     each horizon dotted). Right: the fewest steps any draw needed to reach SOLVED."""
     best, found, lengths = best_per_cell(rows), horizons(rows), all_lengths(rows)
     fig, (ax, ax_steps) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for model, style in (("lstm", "o-"), ("rnn", "s--")):
-        if model not in found:
-            continue
-        label, h = LABELS[model], found[model]["horizon"]
+    styles = {"lstm": "o-", "rnn": "s--", "rnn-orthogonal": "v--", "rnn-identity": "^--"}
+    for model in found:
+        label, h, style = LABELS[model], found[model]["horizon"], styles[model]
         ts = [t for t in found[model]["grid"] if (model, t) in best]
         color = ax.plot(ts, [best[model, t]["best_val_acc"] for t in ts], style, lw=2,
-                        label=f"{label}: best draw (horizon T={h})")[0].get_color()
+                        label=f"{label}: best draw ({found[model]['text']})")[0].get_color()
         drawn = [r for r in rows if r["model"] == model and r["best_val_acc"] is not None]
         ax.scatter([r["seq_length"] for r in drawn], [r["best_val_acc"] for r in drawn], s=14, alpha=0.35,
                    color=color, label=f"{label}: each draw")
@@ -219,7 +228,7 @@ def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     ax.axhline(SOLVED, color="grey", ls=":", lw=1)
     for a in (ax, ax_steps):
         a.set_xscale("log" if max(lengths) / min(lengths) > 8 else "linear")
-        a.set_xticks(lengths, [str(t) for t in lengths], fontsize=8)
+        a.set_xticks(lengths, [str(t) for t in lengths], fontsize=7, rotation=60)
         a.minorticks_off()
         a.grid(alpha=0.3)
     ax.set(xlabel="palindrome length T", ylabel="best validation accuracy", ylim=(0, 1.03),
@@ -227,8 +236,8 @@ def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     ax_steps.set(xlabel="palindrome length T", ylabel=f"steps to {100 * SOLVED:.0f}% validation accuracy",
                  xlim=ax.get_xlim(), ylim=(0, f["steps"] * 1.03),
                  title=f"fewest steps to {100 * SOLVED:.0f}% (missing: never reached)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
-    ax_steps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    ax_steps.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.suptitle(f"sweep {f['name']} ({f['input_encoding']} input, <= {f['steps']} steps per trial)")
     return save_figure(fig, path)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from trainers.cli import build, run_cli
 from trainers.lstm import LSTMConfig, build_model, train_batch, validation_set
+from tune.horizon import arch, rnn_init
 from tune.lstm_sweep import hidden_dims, lengths_of, parse_sweep
 
 ROUNDS = 3          # timing rounds per point; the median is kept
@@ -60,17 +61,17 @@ def main(argv=None) -> dict:
     models = list(dict.fromkeys(s.models))
     torch.set_num_threads(max(1, int(sch.cpus_per_trial)))
     evals = -(-tr.steps // tr.eval_every)
-    print(f"{'model':>5} {'T':>3} {'H':>4} {'ms/step':>8} {'s/eval':>7} {'trial min':>9}")
+    print(f"{'model':>14} {'T':>3} {'H':>4} {'ms/step':>8} {'s/eval':>7} {'trial min':>9}")
     per_cell: dict[tuple[str, int], float] = {}
     for model in models:
         for t in lengths_of(sc, model):
             trial_s = []
             for h in hidden_dims(sc):
-                cfg = build(LSTMConfig, model=model, seq_length=t, hidden_dim=h, batch_size=tr.batch_size,
+                cfg = build(LSTMConfig, model=arch(model), rnn_init=rnn_init(model), seq_length=t, hidden_dim=h, batch_size=tr.batch_size,
                             val_size=tr.val_size, seed=tr.seed, input_encoding=tr.input_encoding)
                 step_s, eval_s = time_point(cfg)
                 trial_s.append(tr.steps * step_s + evals * eval_s)
-                print(f"{model:>5} {t:>3} {h:>4} {1000 * step_s:8.2f} {eval_s:7.3f} {trial_s[-1] / 60:9.1f}",
+                print(f"{model:>14} {t:>3} {h:>4} {1000 * step_s:8.2f} {eval_s:7.3f} {trial_s[-1] / 60:9.1f}",
                       flush=True)
             per_cell[model, t] = s.num_samples * statistics.mean(trial_s)   # hidden_dim drawn uniformly
     total = sum(per_cell.values())
