@@ -8,6 +8,8 @@ Ray is imported lazily: training needs no Ray.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -25,6 +27,8 @@ from trainers.files import write_json_atomic
 UNFINISHED = ("pending", "running", "paused")     # statuses of the trials an interrupted sweep left
 # Flags of a running sweep that --resume takes from the command line, not from sweep.json.
 RUNTIME_FLAGS = ("address", "num_cpus", "out_dir", "name", "resume", "quick")
+# flags of a trial's config that best.json's command leaves out (where the rerun writes, and how it shows)
+NOT_REPRODUCED = ("out_dir", "run_name", "wandb_group", "wandb_job_type", "progress", "resume")
 
 
 # --- list flags ------------------------------------------------------------------------------------
@@ -247,3 +251,54 @@ def parse_with_preset(cls, preset: dict, argv: Sequence[str] | None, prog: str, 
     quick = [a for a in argv if a in ("--quick", "--no-quick")][-1:] == ["--quick"]
     default = override(cls(), quick=True, **preset) if quick else None
     return parse(cls, argv, prog=prog, description=description, default=default)
+
+
+# --- what both reports read and write ---------------------------------------------------------------
+
+def read_metrics(run_dir: Path | None) -> dict:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def markdown(columns: list[str], body: list[list[str]]) -> list[str]:
+    row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return [row(columns), "|" + "---|" * len(columns), *map(row, body)]
+
+
+def results_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def trainer_argv(cfg, base) -> list[str]:
+    """The trainer flags that rebuild ``cfg`` from ``base`` (its config type's defaults or a preset),
+    all but where it writes and how it shows."""
+    default, argv = flatten(base), []
+    for name, value in flatten(cfg).items():
+        if name not in NOT_REPRODUCED and value != default[name]:
+            flag = "--" + name.replace("_", "-")
+            argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
+def sweep_flags(sweep_dir: Path) -> tuple[Path, dict]:
+    """The sweep's folder, resolved, and its flags (sweep.json)."""
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    try:
+        return sweep_dir, json.loads((sweep_dir / "sweep.json").read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{sweep_dir} holds no readable sweep.json; pass a sweep's folder, "
+                         "<out-dir>/sweeps/<name>") from None
+
+
+def check_ended(sweep_dir: Path, rows: list[dict], prog: str) -> None:
+    """A report is of a whole sweep: every trial has ended."""
+    unfinished = sum(r["status"] in UNFINISHED for r in rows)
+    if unfinished or not rows:
+        raise UsageError(f"{sweep_dir}: {unfinished} of {len(rows)} trials have not ended; finish the sweep with "
+                         f"{prog} --resume (the same --out-dir and --name) first")

@@ -20,7 +20,7 @@ from pathlib import Path
 from trainers.cli import flatten, override
 from trainers.figures import plt, save_figure
 from trainers.files import write_json_atomic, write_text_atomic
-from tune.report import check_ended, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
+from tune.common import check_ended, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
 
 METRIC = "fid_ratio"          # stage FID / the floor's FID at as many real images; lower is better
 TIME_ATTR = "wall_s"          # the trainer's wall time at a report
@@ -28,7 +28,8 @@ ATTEMPTS = "attempts.jsonl"   # one line per start of a trial's trainer
 COLUMNS = ("trial_id", "status", "lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels", "stages",
            "best_fid_ratio", "best_fid", "best_epoch", "best_wall_s", "best_classifier_score", "best_min_class_frac",
            "best_max_class_frac", "last_fid_ratio", "wall_s", "exploited", "run_dir")
-HYPER = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")
+HYPER = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")   # GANConfig fields a trial draws
+PRESET = "cpu-demo"           # every trial starts from this preset's config
 
 
 def read_attempts(run_dir: Path | None) -> list[dict]:
@@ -69,9 +70,15 @@ def collect_rows(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["best_fid_ratio"] is None, r["best_fid_ratio"] or 0, r["trial_id"]))
 
 
-def is_preset(row: dict) -> bool:
-    from tune.gan_sweep import preset_point
+def preset_point() -> dict:
+    """cpu-demo's values of the sampled fields (its D learning rate is its --lr)."""
+    from trainers.gan import make_config
 
+    cfg = make_config(PRESET)
+    return {**{k: flatten(cfg)[k] for k in HYPER}, "lr_d": cfg.optim.lr}
+
+
+def is_preset(row: dict) -> bool:
     preset = preset_point()
     return all(math.isclose(row[k], preset[k]) for k in HYPER) and not row["exploited"]
 
@@ -156,7 +163,6 @@ def plot_fid_vs_time(rows: list[dict], f: dict, path: Path) -> Path:
 def retrain_config(row: dict):
     """The GANConfig that retrains ``row``'s configuration from scratch to its best stage (scored
     with as many samples as the sweep's stages, so its stage FID is the trial's)."""
-    from tune.gan_sweep import PRESET
     from trainers.gan import make_config
 
     c = row["config"]
@@ -199,7 +205,6 @@ def best_json(rows: list[dict], f: dict) -> dict:
                                 "--out grid.png"
     else:
         from trainers.gan import make_config
-        from tune.gan_sweep import PRESET
 
         cfg = retrain_config(best)
         argv = trainer_argv(cfg, make_config(PRESET))

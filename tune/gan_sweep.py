@@ -45,15 +45,13 @@ from trainers.files import write_json_atomic
 from trainers.gan import GANConfig, make_config, train
 from tune import common, gan_report
 from tune.common import Floats, Ints, check_list
-from tune.gan_report import ATTEMPTS, METRIC, TIME_ATTR   # the schedulers' metric and clock
+from tune.gan_report import ATTEMPTS, METRIC, PRESET, TIME_ATTR, preset_point   # the schedulers' metric and clock
 
 CULLED = "culled"             # <sweep>/culled/<trial id>: ASHA's verdict on a trial it culls
 RECORDED = "recorded"         # <sweep>/recorded/<trial id>: the last step Tune recorded as the trial started
 TIME_BUDGET = "time budget"   # stop_reason of a trial whose next epoch would end past --time-budget-s
 NEXT_END = "next_end_s"       # reported: the wall time the next epoch would end at, as long as the last
 EPOCH_TIME = "epoch_time.json"   # in a reported checkpoint: the wall time and the last epoch's length
-PRESET = "cpu-demo"           # every trial starts from this preset's config
-SAMPLED = ("lr", "lr_d", "beta1", "ema_decay", "batch_size", "base_channels")   # GANConfig fields a trial draws
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -254,12 +252,6 @@ def trial_dirname(trial) -> str:
 
 
 # --- the search space and the schedulers ---------------------------------------------------------
-
-def preset_point() -> dict:
-    """cpu-demo's values of the sampled fields (its D learning rate is its --lr)."""
-    cfg = make_config(PRESET)
-    return {**{k: flatten(cfg)[k] for k in SAMPLED}, "lr_d": cfg.optim.lr}
-
 
 def fixed_trial_settings(sc: GanSweepConfig) -> dict:
     """GANConfig fields shared by every trial (in the param space, so --resume keeps them), plus

@@ -199,7 +199,7 @@ def start_step(run_dir: Path) -> int | None:
     """Where a (re)started trial's trainer continues: its run folder's latest checkpoint (0 with
     none), or None when the run had already ended. Clears what an earlier attempt leaves that the
     next one writes again."""
-    if report.read_metrics(run_dir).get("finished"):
+    if common.read_metrics(run_dir).get("finished"):
         return None
     found = list_checkpoints(run_dir / "checkpoints")
     if not found:   # from scratch: drop a checkpoints/best of an attempt that never checkpointed

@@ -13,9 +13,6 @@ best trial per model and T with the trainers/lstm.py command that reruns it) and
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +24,14 @@ from trainers.cli import UsageError, flatten, from_saved, parse, run_cli
 from trainers.figures import plt, save_figure
 from trainers.files import write_json_atomic, write_text_atomic
 from trainers.lstm import NUM_CLASSES, LSTMConfig
+from tune.common import check_ended, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
 from tune.horizon import LABELS, cell_results, describe, horizon, model_of
 
 SOLVED = 0.99   # validation accuracy that defines a model's horizon and each trial's steps_to_99
 CHANCE = 1.0 / NUM_CLASSES
-UNFINISHED = ("pending", "running", "paused")     # statuses of the trials an interrupted sweep left
 RESULT_COLUMNS = ("trial_id", "model", "round", "seq_length", "draw", "hidden_dim", "lr", "forget_bias", "status", "steps",
                   "best_val_acc", "best_step", "steps_to_99", "steps_to_solve", "val_acc", "val_loss", "train_acc",
                   "train_loss", "time_s", "run_dir")
-# flags of a trial's config that best.json's command leaves out (where the rerun writes, and how it shows)
-NOT_REPRODUCED = ("out_dir", "run_name", "wandb_group", "wandb_job_type", "progress", "resume")
-
-
-def read_metrics(run_dir: Path | None) -> dict:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return {}
 
 
 def collect_rows(sweep_dir: Path) -> list[dict]:
@@ -126,11 +114,6 @@ def pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
-def markdown(columns: list[str], body: list[list[str]]) -> list[str]:
-    row = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    return [row(columns), "|" + "---|" * len(columns), *map(row, body)]
-
-
 def horizon_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Each model's horizon with the config that got there, and what happened one T beyond."""
     columns = ["Model", f"Horizon (largest T with >= {100 * SOLVED:.0f}%)", "Best val acc there",
@@ -198,14 +181,6 @@ def table_markdown(rows: list[dict], f: dict, wall_s: float | None = None) -> st
     return "\n".join(lines + markdown(["Model"] + [f"T={t}" for t in lengths], body)) + "\n"
 
 
-def results_csv(rows: list[dict], columns: tuple[str, ...] = RESULT_COLUMNS) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     """Left: the best validation accuracy against T per model (every draw faint, chance marked,
     each horizon dotted). Right: the fewest steps any draw needed to reach SOLVED."""
@@ -242,22 +217,11 @@ def plot_horizon(rows: list[dict], f: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def trainer_argv(cfg, base=None) -> list[str]:
-    """The trainer flags that rebuild ``cfg`` from ``base`` (default: LSTMConfig()), all but where
-    it writes and how it shows."""
-    default, argv = flatten(LSTMConfig() if base is None else base), []
-    for name, value in flatten(cfg).items():
-        if name not in NOT_REPRODUCED and value != default[name]:
-            flag = "--" + name.replace("_", "-")
-            argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return argv
-
-
 def best_json(rows: list[dict], f: dict) -> dict:
     """Each model's horizon (the trial that reached it, with the trainer command that reruns it)
     and the best trial of every (model, T)."""
     def entry(r: dict) -> dict:
-        argv = trainer_argv(r["config"])
+        argv = trainer_argv(r["config"], LSTMConfig())
         return {**{k: r[k] for k in ("best_val_acc", "best_step", "steps_to_99", "trial_id", "status", "run_dir",
                                      "hidden_dim", "lr", "forget_bias", "draw")},
                 "argv": argv, "command": " ".join(["python trainers/lstm.py", *argv]), "config": flatten(r["config"])}
@@ -303,31 +267,13 @@ def log_summary_run(rows: list[dict], f: dict, sweep_dir: Path, figure: Path, wa
     tracker.finish()
 
 
-def sweep_flags(sweep_dir: Path) -> tuple[Path, dict]:
-    """The sweep's folder, resolved, and its flags (sweep.json)."""
-    sweep_dir = Path(sweep_dir).expanduser().resolve()
-    try:
-        return sweep_dir, json.loads((sweep_dir / "sweep.json").read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{sweep_dir} holds no readable sweep.json; pass a sweep's folder, "
-                         "<out-dir>/sweeps/<name>") from None
-
-
-def check_ended(sweep_dir: Path, rows: list[dict], prog: str) -> None:
-    """A report is of a whole sweep: every trial has ended."""
-    unfinished = sum(r["status"] in UNFINISHED for r in rows)
-    if unfinished or not rows:
-        raise UsageError(f"{sweep_dir}: {unfinished} of {len(rows)} trials have not ended; finish the sweep with "
-                         f"{prog} --resume (the same --out-dir and --name) first")
-
-
 def write_report(sweep_dir: Path, rows: list[dict] | None = None, wall_s: float | None = None,
                  use_wandb: bool | None = None) -> dict[str, Path]:
     """Write the report of the finished sweep in ``sweep_dir`` (its rows read from it unless given)."""
     sweep_dir, f = sweep_flags(sweep_dir)
     rows = collect_rows(sweep_dir) if rows is None else rows
     check_ended(sweep_dir, rows, "tune/lstm_sweep.py")
-    paths = {"results": write_text_atomic(sweep_dir / "results.csv", results_csv(rows)),
+    paths = {"results": write_text_atomic(sweep_dir / "results.csv", results_csv(rows, RESULT_COLUMNS)),
              "table": write_text_atomic(sweep_dir / "table.md", table_markdown(rows, f, wall_s)),
              "figure": plot_horizon(rows, f, sweep_dir / "figures" / "horizon.png"),
              "best": write_json_atomic(sweep_dir / "best.json", best_json(rows, f))}
