@@ -302,3 +302,12 @@ def check_ended(sweep_dir: Path, rows: list[dict], prog: str) -> None:
     if unfinished or not rows:
         raise UsageError(f"{sweep_dir}: {unfinished} of {len(rows)} trials have not ended; finish the sweep with "
                          f"{prog} --resume (the same --out-dir and --name) first")
+
+
+def ended_sweep(sweep_dir: Path, rows: list[dict] | None, collect_rows: Callable, prog: str) -> tuple[Path, dict, list]:
+    """A finished sweep's folder (resolved), its flags and its rows (read back with ``collect_rows``
+    unless given); a one-line error naming ``prog --resume`` while a trial has not ended."""
+    sweep_dir, f = sweep_flags(sweep_dir)
+    rows = collect_rows(sweep_dir) if rows is None else rows
+    check_ended(sweep_dir, rows, prog)
+    return sweep_dir, f, rows

@@ -20,7 +20,7 @@ from pathlib import Path
 from trainers.cli import flatten, override
 from trainers.figures import plt, save_figure
 from trainers.files import write_json_atomic, write_text_atomic
-from tune.common import check_ended, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
+from tune.common import ended_sweep, markdown, read_metrics, results_csv, trainer_argv
 
 METRIC = "fid_ratio"          # stage FID / the floor's FID at as many real images; lower is better
 TIME_ATTR = "wall_s"          # the trainer's wall time at a report
@@ -228,9 +228,7 @@ def log_summary_run(rows: list[dict], f: dict, sweep_dir: Path, figure: Path, be
 def write_report(sweep_dir: Path, rows: list[dict] | None = None, wall_s: float | None = None,
                  use_wandb: bool | None = None) -> dict[str, Path]:
     """Write the report of the finished sweep in ``sweep_dir`` (its rows read from it unless given)."""
-    sweep_dir, f = sweep_flags(sweep_dir)
-    rows = collect_rows(sweep_dir) if rows is None else rows
-    check_ended(sweep_dir, rows, "tune/gan_sweep.py")
+    sweep_dir, f, rows = ended_sweep(sweep_dir, rows, collect_rows, "tune/gan_sweep.py")
     best = best_json(rows, f)
     paths = {"results": write_text_atomic(sweep_dir / "results.csv", results_csv(rows, COLUMNS)),
              "table": write_text_atomic(sweep_dir / "table.md", table_markdown(rows, f, wall_s)),

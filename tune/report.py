@@ -24,7 +24,7 @@ from trainers.cli import UsageError, flatten, from_saved, parse, run_cli
 from trainers.figures import plt, save_figure
 from trainers.files import write_json_atomic, write_text_atomic
 from trainers.lstm import NUM_CLASSES, LSTMConfig
-from tune.common import check_ended, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
+from tune.common import ended_sweep, markdown, read_metrics, results_csv, sweep_flags, trainer_argv
 from tune.horizon import LABELS, cell_results, describe, horizon, model_of
 
 SOLVED = 0.99   # validation accuracy that defines a model's horizon and each trial's steps_to_99
@@ -270,9 +270,7 @@ def log_summary_run(rows: list[dict], f: dict, sweep_dir: Path, figure: Path, wa
 def write_report(sweep_dir: Path, rows: list[dict] | None = None, wall_s: float | None = None,
                  use_wandb: bool | None = None) -> dict[str, Path]:
     """Write the report of the finished sweep in ``sweep_dir`` (its rows read from it unless given)."""
-    sweep_dir, f = sweep_flags(sweep_dir)
-    rows = collect_rows(sweep_dir) if rows is None else rows
-    check_ended(sweep_dir, rows, "tune/lstm_sweep.py")
+    sweep_dir, f, rows = ended_sweep(sweep_dir, rows, collect_rows, "tune/lstm_sweep.py")
     paths = {"results": write_text_atomic(sweep_dir / "results.csv", results_csv(rows, RESULT_COLUMNS)),
              "table": write_text_atomic(sweep_dir / "table.md", table_markdown(rows, f, wall_s)),
              "figure": plot_horizon(rows, f, sweep_dir / "figures" / "horizon.png"),
