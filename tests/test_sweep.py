@@ -21,7 +21,7 @@ from trainers.lstm import LSTMConfig, train
 from wandb_files import read_offline_run
 from tune.asha import GroupedASHA
 from tune.lstm_sweep import SweepConfig, main, run_sweep
-from tune.report import NOT_REPRODUCED
+from tune.common import NOT_REPRODUCED
 from tune.report import main as report_main
 
 TINY = dict(hidden_dims=(6,), num_samples=1, steps=30, eval_every=10, grace_period=10, batch_size=16,
