@@ -68,7 +68,7 @@ class Search:
     forget_biases: Floats = (3.0, 5.0, 7.0)  # LSTM forget-gate biases; a grid point's draws take them in turn
     num_samples: int = 3  # draws per grid point (model, T), each with its own seed
     horizon_draws: int = 4  # past the grid: draws per T, and at least this many at the first failed T (0: no extension)
-    horizon_resolution: float = 1.25  # stop bisecting once the first failed T is within this factor of the last solved
+    horizon_resolution: float = 1.5  # stop bisecting once the first failed T is within this factor of the last solved
     max_seq_length: int = 4000  # the longest T the extension tries
 
 
