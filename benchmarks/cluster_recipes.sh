@@ -48,7 +48,7 @@ two_nodes() {   # <name> <trainer args...>: both machine ranks at once; wall tim
 if [[ " $PARTS " == *" nodes "* ]]; then
   echo "== two accelerate nodes on 127.0.0.1 (launch/multinode.yaml, bf16)"
   two_nodes lstm trainers/lstm.py --seq-length 20 --steps 1000 --val-size 2000
-  two_nodes gan trainers/gan.py --preset cpu-demo --base-channels 8 --train-subset 640 --epochs 2 \
+  two_nodes gan trainers/gan.py --preset cpu-demo --base-channels 8 --batch-size 32 --train-subset 640 --epochs 2 \
     --stage-samples 200 --eval-samples 400
 fi
 

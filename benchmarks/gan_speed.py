@@ -1,6 +1,6 @@
 """Images/s of trainers/gan.py's loop against a plain PyTorch loop (no Accelerate), same run.
 
-    python benchmarks/gan_speed.py                       # cpu-demo's width, batch 32, bf16, 1 thread
+    python benchmarks/gan_speed.py                       # cpu-demo's width, bf16 and 1 thread; batch 32
     python benchmarks/gan_speed.py --variants all        # + channels_last, torch.compile, batch sizes, fp32
     python benchmarks/gan_speed.py --mixed-precision no --batch-size 64 --steps 60 --rounds 5
 
@@ -111,7 +111,7 @@ def variants(base: GANConfig, which: str) -> dict[str, tuple[GANConfig, str]]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-channels", type=int, default=16, help="width b (cpu-demo's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per iteration (cpu-demo's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per iteration")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="autocast (cpu-demo's)")
     p.add_argument("--steps", type=int, default=40, help="timed iterations per variant and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")

@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = {
     "lstm": ("trainers/lstm.py", ["--seq-length", "20", "--steps", "600", "--eval-every", "600",
                                   "--checkpoint-every", "600", "--val-size", "1000"], 128),
-    "gan": ("trainers/gan.py", ["--preset", "cpu-demo", "--max-steps", "80", "--stages", "0"], None),
-    "gan-local": ("trainers/gan.py", ["--preset", "cpu-demo", "--max-steps", "80", "--stages", "0",
-                                      "--batchnorm", "local"], None),
+    "gan": ("trainers/gan.py", ["--preset", "cpu-demo", "--batch-size", "32", "--max-steps", "80", "--stages", "0"],
+            None),
+    "gan-local": ("trainers/gan.py", ["--preset", "cpu-demo", "--batch-size", "32", "--max-steps", "80", "--stages",
+                                      "0", "--batchnorm", "local"], None),
 }
 
 

@@ -51,10 +51,10 @@ def test_default_run_names():
 
 def test_presets_are_config_files_and_flags_win(tmp_path):
     demo = make_config("cpu-demo")
-    assert (demo.model.base_channels, demo.optim.epochs, demo.optim.mixed_precision) == (16, 6, "bf16")
+    assert (demo.model.base_channels, demo.optim.epochs, demo.optim.mixed_precision) == (16, 8, "bf16")
     assert make_config("paper") == build(GANConfig, preset="paper")     # the paper preset is the defaults
     cfg = parse_train_args(["--preset", "cpu-demo", "--base-channels", "8"])
-    assert cfg.model.base_channels == 8 and cfg.optim.epochs == 6
+    assert cfg.model.base_channels == 8 and cfg.optim.epochs == 8
     mine = tmp_path / "mine.yaml"
     mine.write_text("epochs: 2\nlr: 0.001\n")
     cfg = parse_train_args(["--preset", "cpu-demo", "--config", str(mine), "--lr", "3e-4"])

@@ -97,9 +97,9 @@ LSTM_ARGS = ["trainers/lstm.py", "--hidden-dim", "16", "--val-size", "300", "--b
 # --- the GAN, evaluation included ----------------------------------------------------------------
 
 # The cpu-demo preset (what trainers/gan.py picks on a CPU) with its defaults: evaluation at every stage
-# and at the end, EMA samples, wandb offline. Shrunk: width, images, epochs and sample counts.
-GAN_DEMO = ["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "8", "--train-subset", "640",
-            "--epochs", "2", "--stage-samples", "200", "--eval-samples", "400"]
+# and at the end, EMA samples, wandb offline. Shrunk: width, batch, images, epochs and sample counts.
+GAN_DEMO = ["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "8", "--batch-size", "32",
+            "--train-subset", "640", "--epochs", "2", "--stage-samples", "200", "--eval-samples", "400"]
 
 
 def test_gan_with_defaults_on_two_nodes_sigterm_to_both_then_resume(tmp_path):

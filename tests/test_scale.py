@@ -237,9 +237,9 @@ def test_detail_mode_turns_a_collective_mismatch_into_one_line(tmp_path):
 # --- the GAN -----------------------------------------------------------------------------------
 
 # The cpu-demo preset (what `accelerate launch trainers/gan.py` picks on a CPU) with its defaults:
-# evaluation, EMA samples, bf16, wandb offline. Shrunk: width, images, epochs and sample counts.
-GAN_DEMO = ["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "8", "--train-subset", "640",
-            "--epochs", "2", "--stage-samples", "200", "--eval-samples", "400"]
+# evaluation, EMA samples, bf16, wandb offline. Shrunk: width, batch, images, epochs and sample counts.
+GAN_DEMO = ["trainers/gan.py", "--preset", "cpu-demo", "--base-channels", "8", "--batch-size", "32",
+            "--train-subset", "640", "--epochs", "2", "--stage-samples", "200", "--eval-samples", "400"]
 
 
 @pytest.fixture(scope="module")
