@@ -143,6 +143,23 @@ def test_each_model_extends_as_soon_as_its_own_trials_end_while_the_other_still_
     assert search.found == {"lstm", "rnn"} and not tune.running
 
 
+def test_a_cell_past_the_grid_stops_drawing_once_a_draw_solves_it_and_a_failed_one_gets_every_draw(tmp_path):
+    from ray.tune.search import Searcher
+
+    from tune.horizon_search import HorizonSearch
+    from tune.lstm_sweep import extend, grid_points
+
+    sc = build(SweepConfig, models=("lstm",), lstm_seq_lengths=(10,), num_samples=2, horizon_draws=3,
+               horizon_resolution=2.0, max_seq_length=40, out_dir=str(tmp_path), wandb=False)
+    search = HorizonSearch(grid_points(sc), ["lstm"], lambda rows, m: extend(sc, rows, m))
+    tune = FakeTune(search, {"lstm": 20})
+    while tune.fill(slots=1) != Searcher.FINISHED:   # one trial at a time
+        tune.end(next(iter(tune.running)))
+    # the grid's two draws run; T=20 is solved by its first draw (the other two are not started);
+    # T=40 fails with all three; 40 <= 2 x 20 ends it
+    assert tune.started == [("lstm", 10)] * 2 + [("lstm", 20)] + [("lstm", 40)] * 3
+
+
 def test_a_tiny_sweep_extends_its_grid_until_the_horizon_is_found(ray_session, tmp_path):
     # T=2 is learnt in a few dozen steps at lr 1e-2; the extension doubles to 4 (the cap) with two new
     # seeds of the best configuration, and with a resolution of x2 that one round settles it

@@ -3,7 +3,10 @@ past it (tune/horizon.py's rule), every model on its own.
 
 A model's next cell is asked for as soon as all of its own trials have ended, so one model's long
 extension never waits for another model's trials, and the CPUs they free start the next trial at
-once. Its points go to the front of the queue: the extension is the sweep's critical path.
+once. Its points go to the front of the queue: the extension is the sweep's critical path. A cell
+past the grid is answered once one of its draws solves it; its draws not yet started are dropped
+(more draws only count where every draw fails). The grid's draws all run: they are also the search
+over configurations.
 The search ends once every model's rule says its horizon is found and no trial runs.
 
 Tune saves this object with its experiment state, so ``--resume`` continues it where it stopped.
@@ -59,6 +62,8 @@ class HorizonSearch(Searcher):
         row = self.live.pop(trial_id)
         self.rows.append(row)
         model = row["model"]
+        if row["round"] and (row["best_val_acc"] or 0) >= SOLVED:   # a cell past the grid is answered: solved
+            self.queue = [p for p in self.queue if (p["sweep_model"], p["seq_length"]) != (model, row["seq_length"])]
         busy = any(r["model"] == model for r in self.live.values()) or any(p["sweep_model"] == model
                                                                            for p in self.queue)
         if busy or model in self.found:
