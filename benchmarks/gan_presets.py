@@ -3,7 +3,7 @@
 
     python benchmarks/gan_presets.py --best runs/sweeps/gan-sweep/best.json
     python benchmarks/gan_presets.py --best best.json --one-after-the-other   # sequentially, not side by side
-    python benchmarks/gan_presets.py --runs "--preset cpu-demo" "--preset cpu-demo --lr 3e-4"
+    python benchmarks/gan_presets.py --runs "paper-adam=--preset cpu-demo --epochs 6 --batch-size 32 --lr 2e-4 --beta1 0.5"
 
 Each run trains on one thread (cpu-demo's), so on a 2-core CPU the two run side by side by default,
 as the sweep's trials do. Prints one row per run (wall time of the whole command, training wall time,
@@ -28,7 +28,11 @@ def runs_from(best: Path | None, extra: list[str]) -> dict[str, list[str]]:
     runs = {"cpu-demo": ["--preset", "cpu-demo"]}
     if best is not None:
         runs["sweep-best"] = json.loads(best.read_text())["argv"]
-    runs.update({f"run{k}": shlex.split(a) for k, a in enumerate(extra)})
+    for k, text in enumerate(extra):   # "NAME=FLAGS" or just "FLAGS"
+        name, sep, flags = text.partition("=")
+        if not sep or name.startswith("-") or " " in name:
+            name, flags = f"run{k}", text
+        runs[name] = shlex.split(flags)
     return runs
 
 
@@ -52,7 +56,7 @@ def row(name: str, flags: list[str], wall_s: float, out_dir: Path) -> dict:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--best", type=Path, help="a DCGAN sweep's best.json (its argv is retrained)")
-    ap.add_argument("--runs", nargs="*", default=[], help="more runs, each a quoted string of trainers/gan.py flags")
+    ap.add_argument("--runs", nargs="*", default=[], help="more runs, each a quoted \"NAME=FLAGS\" (trainers/gan.py flags)")
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bench/gan_presets"))
     ap.add_argument("--one-after-the-other", action="store_true", help="run them sequentially")
     ap.add_argument("--json", type=Path, help="write the rows here")
