@@ -47,8 +47,9 @@ def plain_train(cfg: GANConfig, images: torch.Tensor, steps: int, compile_models
     images = images.to(device)
     if cfg.optim.channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    adam = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused_adam or None)
-    opt_g, opt_d = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(D.parameters(), **adam)
+    adam = dict(betas=(cfg.optim.beta1, cfg.optim.beta2), fused=fused_adam or None)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr, **adam)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d or cfg.optim.lr, **adam)   # D's own --lr-d
     G_run, D_run = (torch.compile(G), torch.compile(D)) if compile_models else (G, D)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.optim.mixed_precision == "bf16")
     iters = iterations_per_epoch(len(images), cfg.optim.batch_size, 1)
