@@ -41,20 +41,10 @@ class StopAfterFirstEnd(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-_ASHA: list = []   # the sweep's result, kept for the worker's life: under pytest-xdist a module fixture can be
-                   # torn down between this file's tests (seen with the whole suite under --dist loadgroup)
-
-
 @pytest.fixture(scope="module")
 def asha_sweep(ray_session, tmp_path_factory):
     """One tiny ASHA sweep of 3 trials on 2 slots, Ctrl-C'd once a trial has ended, then resumed
     through the command line: ``(first outcome, resumed outcome, its stdout, sweep folder)``."""
-    if not _ASHA:
-        _ASHA.append(run_asha_sweep(tmp_path_factory))
-    return _ASHA[0]
-
-
-def run_asha_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("gan-asha")
     argv = ["--out-dir", str(out), "--name", "asha", *flags(TINY)]
     sc = parse_sweep(argv, prog="test", description="")
