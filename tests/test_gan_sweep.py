@@ -156,7 +156,8 @@ def test_a_trial_restored_from_a_checkpoint_that_used_the_budget_ends_at_once(as
 
 def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session, tmp_path):
     sc = build(GanSweepConfig, out_dir=str(tmp_path), name="pbt", scheduler="pbt",
-               **{**TINY, "train_subset": 256, "stage_samples": 100, "time_budget_s": 8.0, "num_samples": 2})
+               **{**TINY, "train_subset": 256, "stage_samples": 100, "time_budget_s": 8.0, "num_samples": 2,
+                  "batch_sizes": (32,)})   # 8 iterations an epoch: enough reports in 8 s for PBT to exploit
     outcome = run_sweep(sc, verbose=0)
     sweep = outcome["sweep_dir"]
     assert outcome["errors"] == 0 and outcome["trials"] == 2
@@ -184,8 +185,8 @@ def test_tiny_pbt_sweep_exploits_by_restoring_the_source_checkpoint(ray_session,
     best = json.loads((sweep / "best.json").read_text())
     assert best["scheduler"] == "pbt" and Path(best["best_checkpoint"]).is_dir()
     assert best["schedule"][0]["from_step"] == 0 and best["schedule"][-1]["run"].endswith(best["trial_id"])
-    # PBT keeps the fields it does not mutate at cpu-demo's (or the list's first) value
-    assert {r["batch_size"] for r in rows.values()} == {preset_point()["batch_size"]}
+    # PBT keeps the fields it does not mutate at cpu-demo's value, or the list's first where the list lacks it
+    assert preset_point()["batch_size"] != 32 and {r["batch_size"] for r in rows.values()} == {32}
 
 
 def flags(d: dict) -> list[str]:
