@@ -319,18 +319,21 @@ def extension_points(sc: SweepConfig, rows: list[dict], models: Sequence[str] | 
     return points
 
 
-def extend(sc: SweepConfig, rows: list[dict], model: str) -> list[dict]:
-    """HorizonSearch's question: ``model``'s next points, each a checked trial config."""
-    points = extension_points(sc, rows, [model])
+def checked(sc: SweepConfig, points: list[dict]) -> list[dict]:
+    """``points``, each validated as a trial config (a one-line error before any worker starts it)."""
     for p in points:
         trial_config({**fixed_trial_settings(sc), **p}, "check").validate()
     return points
 
 
+def extend(sc: SweepConfig, rows: list[dict], model: str) -> list[dict]:
+    """HorizonSearch's question: ``model``'s next points, each a checked trial config."""
+    return checked(sc, extension_points(sc, rows, [model]))
+
+
 def check_trial_configs(sc: SweepConfig) -> None:
     """Validate every grid trial's config before any worker starts."""
-    for p in grid_points(sc):
-        trial_config({**fixed_trial_settings(sc), **p}, "check").validate()
+    checked(sc, grid_points(sc))
 
 
 def build_tuner(sc: SweepConfig, trainable, callbacks=None, verbose: int = 1):
